@@ -1,0 +1,156 @@
+"""Datasets: an embedded procedural toy set (the default: no download), CIFAR-10, ImageNet,
+Oxford Flowers-102 and any ImageFolder tree. Every dataset yields (image, label) with the image
+(3, H, W) in [-1, 1] and label an int (-1 when the model is unconditional). The random horizontal
+flip (Sec. 3) is applied to the batch in train.py, so datasets stay deterministic per index.
+
+    python data.py --dataset toy --out toy.png     # a grid of 10 toy images per class
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+
+TOY_CLASSES = ["disc", "square", "triangle", "ring", "cross",
+               "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
+
+
+class DataError(Exception):
+    """Bad or missing data: train.py and sample.py print it as one line and exit with code 2."""
+
+
+class ToyShapes(torch.utils.data.Dataset):
+    """10 visually distinct classes, 5 shapes and 5 textures, with random colours, position, size
+    and period. Image i is generated from its own seed, so it is the same in every process."""
+
+    def __init__(self, size=10_000, image_size=32, seed=0):
+        self.size, self.image_size, self.seed = size, image_size, seed
+        self.classes = TOY_CLASSES
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        label = i % 10
+        return torch.from_numpy(toy_image(label, rng, self.image_size)), label
+
+
+def toy_image(label, rng, n=32):
+    """One toy image (3, n, n) float32 in [-1, 1]: a foreground colour over a background colour,
+    mixed by an anti-aliased mask (a signed distance in pixels, clipped to [0, 1])."""
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+    cx, cy = rng.uniform(0.35, 0.65, 2) * n                     # shape centre
+    r = rng.uniform(0.18, 0.32) * n                             # shape size
+    t = rng.uniform(0.06, 0.1) * n                              # stroke thickness
+    p = rng.uniform(0.15, 0.3) * n                              # texture period
+    ph = rng.uniform(0, 2 * math.pi)                            # texture phase
+    dx, dy = x - cx, y - cy
+    wave = lambda u: np.sin(2 * math.pi * u / p + ph) * p / math.pi   # ~ signed distance to a stripe edge
+    sdf = {
+        0: lambda: np.hypot(dx, dy) - r,                                        # disc
+        1: lambda: np.maximum(abs(dx), abs(dy)) - 0.85 * r,                     # square
+        2: lambda: np.maximum(np.maximum(-dy - r / 2,                           # triangle: 3 half-planes
+                                         (np.sqrt(3) * dx + dy) / 2 - r / 2), (-np.sqrt(3) * dx + dy) / 2 - r / 2),
+        3: lambda: abs(np.hypot(dx, dy) - r) - t,                               # ring
+        4: lambda: np.minimum(np.maximum(abs(dx) - r, abs(dy) - t),             # cross
+                              np.maximum(abs(dx) - t, abs(dy) - r)),
+        5: lambda: -wave(y),                                                    # horizontal stripes
+        6: lambda: -wave(x),                                                    # vertical stripes
+        7: lambda: -np.sign(np.sin(2 * math.pi * x / p + ph) * np.sin(2 * math.pi * y / p + ph))
+                   * np.minimum(abs(wave(x)), abs(wave(y))),                    # checkerboard
+        8: lambda: -wave((x + y) / math.sqrt(2)),                               # diagonal stripes
+        9: lambda: np.hypot((x - cx + p / 2) % p - p / 2, (y - cy + p / 2) % p - p / 2) - p / 4,  # dots
+    }[label]()
+    mask = np.clip(0.5 - sdf, 0, 1)[None]                       # (1, n, n): 1 inside, 0 outside
+    fg, bg = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)
+    if np.abs(fg - bg).sum() < 0.9:                             # keep the shape visible
+        bg = np.where(fg > 0.5, fg - 0.6, fg + 0.6).clip(0, 1).astype(np.float32)
+    img = mask * fg + (1 - mask) * bg
+    return (img * 2 - 1).astype(np.float32)
+
+
+def image_transform(image_size):
+    """Resize the shorter side, centre crop (Sec. 3), to a tensor in [-1, 1]."""
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+class Unlabeled(torch.utils.data.Dataset):
+    """Wrap a dataset so every label is -1 (unconditional training on a labelled tree)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][0], -1
+
+
+def _check_dir(path, what):
+    if not path or not os.path.isdir(path):
+        raise DataError(f"{what} expected in a folder, but --data_dir {path!r} is not a folder")
+
+
+def _folder(path, tf):
+    from torchvision.datasets import ImageFolder
+    try:
+        return ImageFolder(path, transform=tf)
+    except (FileNotFoundError, RuntimeError) as err:                       # no class folders / no images
+        raise DataError(f"no images found in {path!r} (expected class subfolders with images): {err}") from None
+
+
+def build_dataset(name, data_dir=None, image_size=32, unconditional=False, download=False):
+    """The training set for `name`. Returns (dataset, num_classes); num_classes 0 = unconditional."""
+    from torchvision import datasets
+    if name == "toy":
+        ds = ToyShapes(image_size=image_size)
+    elif name == "cifar10":
+        _check_dir(data_dir, "CIFAR-10") if not download else os.makedirs(data_dir, exist_ok=True)
+        try:
+            ds = datasets.CIFAR10(data_dir, train=True, transform=image_transform(image_size), download=download)
+        except Exception as err:
+            raise DataError(f"CIFAR-10 not found in {data_dir!r} ({err}); put the extracted "
+                            f"'cifar-10-batches-py/' folder there, or add --download on a machine with internet") from None
+    elif name == "flowers":   # all 8,189 images of train+val+test (our choice: the paper does not say)
+        _check_dir(data_dir, "Oxford Flowers-102") if not download else os.makedirs(data_dir, exist_ok=True)
+        try:
+            ds = torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=image_transform(image_size),
+                                                                     download=download) for s in ("train", "val", "test")])
+        except Exception as err:
+            raise DataError(f"Oxford Flowers-102 not found in {data_dir!r} ({err}); put 'flowers-102/' "
+                            f"(102flowers.tgz extracted, imagelabels.mat, setid.mat) there, or add --download") from None
+        ds.classes = list(range(102))
+    elif name == "imagenet":
+        _check_dir(data_dir, "ImageNet (with a train/ subfolder of class folders)")
+        ds = _folder(os.path.join(data_dir, "train"), image_transform(image_size))
+    elif name == "folder":
+        _check_dir(data_dir, "an ImageFolder tree (class subfolders of images)")
+        ds = _folder(data_dir, image_transform(image_size))
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} in {data_dir!r} is empty")
+    if unconditional:
+        return Unlabeled(ds), 0
+    return ds, len(ds.classes)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Save a grid of dataset images (rows = classes).")
+    parser.add_argument("--dataset", default="toy")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--out", default="toy.png")
+    args = parser.parse_args()
+    from torchvision.utils import save_image
+    ds, _ = build_dataset(args.dataset, args.data_dir, args.image_size)
+    x = torch.stack([ds[i][0] for i in range(100)])
+    if args.dataset == "toy":                                 # rows = classes
+        x = x.view(10, 10, *x.shape[1:]).transpose(0, 1).reshape_as(x)
+    save_image(x * 0.5 + 0.5, args.out, nrow=10, padding=1)
+    print(f"wrote {args.out}")

@@ -1,0 +1,70 @@
+"""The three training losses of the Sphere Encoder (arXiv 2602.15030, Sec. 2.3, Eq. 7-10).
+
+  Eq. 7   pixel reconstruction  L(D(v_noisy), x)                smooth L1 + perceptual
+  Eq. 8   pixel consistency     L(D(v_NOISY), sg(D(v_noisy)))   the same, target under stop-grad
+  Eq. 9   latent consistency    1 - cos(v, E(D(v_NOISY)))       target v detached
+  Eq. 10  total = weighted sum of the three (weights per dataset, REFERENCE.md Sec. 4)
+
+Images come in [-1, 1]; the distance sees them in [0, 1], LPIPS in [-1, 1] (its own convention).
+Perceptual = LPIPS with a VGG-16 backbone (`load_lpips`); its VGG weights download on first use.
+Tested by `python -m pytest -q tests/test_losses.py`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+VGG_FILE = "vgg16-397923af.pth"   # torchvision's VGG-16 ImageNet weights, which LPIPS builds on
+
+
+@dataclass
+class LossWeights:
+    """Eq. 10's weights; defaults are CIFAR-10's (REFERENCE.md Sec. 4 [released])."""
+    recon_dist: float = 1.0
+    recon_perc: float = 1.0
+    con_dist: float = 0.5
+    con_perc: float = 0.5
+    lat_con: float = 0.1
+
+
+def distance(pred, target):
+    """Smooth L1 (beta 1) on images mapped to [0, 1], mean per sample: (B,)."""
+    return F.smooth_l1_loss((pred + 1) / 2, (target + 1) / 2, reduction="none", beta=1.0).flatten(1).mean(1)
+
+
+def pixel_loss(pred, target, w_dist, w_perc, perceptual=None):
+    """L_{smoothL1 + perceptual}(pred, target) of Eq. 7-8, averaged over the batch."""
+    loss = w_dist * distance(pred, target).mean()
+    if perceptual is not None and w_perc > 0:
+        loss = loss + w_perc * perceptual(pred, target).mean()    # LPIPS takes [-1, 1] inputs
+    return loss
+
+
+def cosine_loss(target, pred):
+    """1 - cos(target, pred) per sample over all L elements, batch mean (Eq. 9)."""
+    return (1 - F.cosine_similarity(target.flatten(1).float(), pred.flatten(1).float(), dim=1)).mean()
+
+
+def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None):
+    """Eq. 7-10 from the outputs of SphereEncoder.forward. Returns a dict of scalar tensors:
+    recon, pix_con, lat_con and their weighted sum 'total' (the one to backpropagate)."""
+    recon = pixel_loss(x_noisy, x, w.recon_dist, w.recon_perc, perceptual)                # Eq. 7
+    pix_con = pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist, w.con_perc, perceptual)   # Eq. 8: sg(D(v_noisy))
+    lat_con = w.lat_con * cosine_loss(z.detach(), z_re)                                   # Eq. 9: v = f(z), cos is scale-free
+    return {"total": recon + pix_con + lat_con, "recon": recon, "pix_con": pix_con, "lat_con": lat_con}  # Eq. 10
+
+
+def load_lpips(pretrained=True):
+    """LPIPS-VGG as a frozen module. pretrained=False gives a randomly initialised VGG backbone
+    (no download: for tests only, it is no perceptual metric). Offline without the VGG file,
+    raise an error that says where to put it."""
+    import lpips
+    try:
+        net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
+    except Exception as err:      # urllib/URLError, RuntimeError (bad file), ...: all the same to a user
+        where = f"{torch.hub.get_dir()}/checkpoints/{VGG_FILE}"
+        raise RuntimeError(
+            f"the perceptual loss (LPIPS) needs torchvision's VGG-16 weights and could not load them ({err}). "
+            f"Put https://download.pytorch.org/models/{VGG_FILE} at {where}, "
+            f"or train without the perceptual term: --perceptual_weight 0") from None
+    return net.eval().requires_grad_(False)

@@ -1,0 +1,393 @@
+"""The Sphere Encoder: a ViT + MLP-Mixer encoder onto the sphere and a Mixer + ViT decoder back.
+
+Sphere Encoder (arXiv 2602.15030), Sec. 2.4 and 3, details per ../shared/REFERENCE.md Sec. 2.
+Read bottom-up: positions (sin-cos table, 2D RoPE) -> attention, SwiGLU -> AdaLN-Zero Block ->
+Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of Eq. 4-9.
+
+    from model import SphereEncoder, make_config
+    model = SphereEncoder(make_config("tiny", "toy"))
+    z = model.encode(x, y)          # (B, 3, H, W) -> (B, h, w, d)
+    x = model.decode(spherify(z), y)  # -> (B, 3, H, W) in [-1, 1]
+
+`python model.py` prints the parameter count and forward FLOPs of every preset.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from spherify import spherify, noisy_latents
+
+
+@dataclass
+class Config:
+    image_size: int = 32
+    channels: int = 3
+    patch_size: int = 4           # P: the latent grid is h x w = (H/P) x (W/P)
+    latent_dim: int = 32          # d: channels per latent token, L = h*w*d
+    enc_width: int = 128
+    enc_depth: int = 3
+    enc_heads: int = 4
+    dec_width: int = 128
+    dec_depth: int = 3
+    dec_heads: int = 4
+    mlp_ratio: float = 4.0        # SwiGLU hidden = 2/3 * mlp_ratio * width
+    mixer_depth: int = 2          # MLP-Mixer layers after the encoder ViT / before the decoder ViT
+    num_classes: int = 10         # 0 = unconditional (no class table, no modulation)
+    pixel_head: str = "conv"      # "conv" (32px) or "linear" (256px), REFERENCE.md Sec. 2
+
+    @property
+    def grid(self):               # h = w
+        return self.image_size // self.patch_size
+
+    @property
+    def latent_size(self):        # L = h * w * d
+        return self.grid ** 2 * self.latent_dim
+
+
+# Transformer sizes (width, depth, heads) [released]; Sphere-L = large enc + large dec (Sec. 3.1).
+SIZES = {
+    "tiny": (128, 3, 4),          # ours: trains on a 2-core CPU in minutes
+    "S": (512, 8, 8),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+# Latent shape per dataset (REFERENCE.md Sec. 2 table): image, P, d, Mixer depth, head, classes.
+LATENTS = {
+    "toy": dict(image_size=32, patch_size=4, latent_dim=32, mixer_depth=2, pixel_head="conv", num_classes=10),  # ours: 8x8x32, ratio 1.5
+    "cifar10": dict(image_size=32, patch_size=2, latent_dim=8, mixer_depth=2, pixel_head="conv", num_classes=10),  # 16x16x8
+    "imagenet": dict(image_size=256, patch_size=8, latent_dim=64, mixer_depth=4, pixel_head="linear", num_classes=1000),  # 32x32x64
+    "flowers": dict(image_size=256, patch_size=8, latent_dim=128, mixer_depth=4, pixel_head="linear", num_classes=102),  # 32x32x128
+    "animalfaces": dict(image_size=256, patch_size=8, latent_dim=128, mixer_depth=4, pixel_head="linear", num_classes=0),
+}
+
+
+def latent_for(image_size):
+    """A latent shape for any image size, following the paper's pattern: P = 2 up to 64px, else
+    H/32 (32x32 tokens), and d = 2 P^2 so the pixel/latent ratio 3HW/L is 1.5 (App. C.5)."""
+    p = 2 if image_size <= 64 else image_size // 32
+    return dict(image_size=image_size, patch_size=p, latent_dim=2 * p * p,
+                mixer_depth=2 if image_size <= 64 else 4, pixel_head="conv" if image_size <= 64 else "linear")
+
+
+def make_config(size="tiny", dataset="toy", **overrides):
+    """Config = transformer size (SIZES) x latent shape of the dataset (LATENTS), then overrides."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose from {list(SIZES)}")
+    w, depth, heads = SIZES[size]
+    latent = LATENTS.get(dataset) or latent_for(overrides.get("image_size", 32))
+    kw = dict(enc_width=w, enc_depth=depth, enc_heads=heads, dec_width=w, dec_depth=depth, dec_heads=heads)
+    return Config(**{**kw, **latent, **overrides})
+
+
+# ----------------------------------------------------------------------------- positions
+def sincos_2d(grid, dim):
+    """Fixed 2D sin-cos absolute positions (Sec. 2.4): half the channels for rows, half for
+    columns. (grid*grid, dim)."""
+    assert dim % 4 == 0
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))           # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    out = []
+    for pos in (rows.flatten(), cols.flatten()):
+        ang = pos[:, None].float() * omega[None]                            # (N, dim/4)
+        out += [ang.sin(), ang.cos()]
+    return torch.cat(out, dim=1)                                            # (N, dim)
+
+
+def rope_2d(grid, head_dim, theta=10000.0):
+    """2D RoPE tables (Sec. 2.4; [released]: half of each head for rows, half for columns).
+    Returns cos, sin of shape (N, head_dim) for the rotate-half convention."""
+    assert head_dim % 4 == 0
+    freqs = 1.0 / theta ** (torch.arange(head_dim // 4) / (head_dim // 4))  # (hd/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang = torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], 1)  # (N, hd/2)
+    ang = torch.cat([ang, ang], dim=1)                                      # (N, hd)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + hd/2) of x (B, heads, N, hd) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- layers
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]                        # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)                                  # fused q, k, v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)                   # (B, heads, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)                               # gate and value at once
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with AdaLN-Zero (DiT): the class embedding c gives shift, scale
+    and gate for attention and MLP through a zero-init Linear, so the block starts as identity.
+    Unconditional models (c is None) use plain pre-norm residuals."""
+
+    def __init__(self, dim, heads, mlp_ratio, cond):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if cond else None
+
+    def forward(self, x, c, rope):
+        if self.ada is None:
+            x = x + self.attn(self.norm1(x), rope)
+            return x + self.mlp(self.norm2(x))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)         # 6 x (B, D)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalNorm(nn.Module):
+    """RMSNorm, then x (1 + scale) + shift from the class embedding (zero-init): 'AdaLN-modulated
+    RMSNorm'. Without classes it is a plain RMSNorm."""
+
+    def __init__(self, dim, cond):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if cond else None
+
+    def forward(self, x, c):
+        x = self.norm(x)
+        return x if self.ada is None else modulate(x, *self.ada(c).chunk(2, dim=-1))
+
+
+class MixerBlock(nn.Module):
+    """x += a1 TokenMix(norm(x)); x += a2 ChannelMix(norm(x)); a1 = a2 = 0 at init [released]."""
+
+    def __init__(self, tokens, dim):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.token_mix = nn.Sequential(nn.Linear(tokens, tokens), nn.SiLU(), nn.Linear(tokens, tokens))
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.channel_mix = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        self.a = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):                                                   # (B, N, D)
+        x = x + self.a[0] * self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.a[1] * self.channel_mix(self.norm2(x))
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer layers ending in an RMSNorm with learned affine, which bounds the latent
+    magnitude and keeps training stable when D(v_noisy) and D(v_NOISY) diverge (Sec. 2.4)."""
+
+    def __init__(self, tokens, dim, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList([MixerBlock(tokens, dim) for _ in range(depth)])
+        self.norm = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=True)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class ViT(nn.Module):
+    """Sin-cos positions, AdaLN-Zero blocks with 2D RoPE, final modulated norm; (B, N, D)."""
+
+    def __init__(self, grid, dim, depth, heads, mlp_ratio, num_classes):
+        super().__init__()
+        cond = num_classes > 0
+        self.y_embed = nn.Embedding(num_classes + 1, dim) if cond else None  # last row = null class
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, cond) for _ in range(depth)])
+        self.norm = FinalNorm(dim, cond)
+        self.register_buffer("pos", sincos_2d(grid, dim)[None], persistent=False)  # (1, N, D)
+        cos, sin = rope_2d(grid, dim // heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_ckpt = False                                              # recompute blocks in backward
+
+    def forward(self, x, y):
+        c = None if self.y_embed is None else self.y_embed(y)              # (B, D)
+        x, rope = x + self.pos, (self.rope_cos, self.rope_sin)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, c, rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, rope)
+        return self.norm(x, c)
+
+
+# ----------------------------------------------------------------------------- encoder, decoder
+class Encoder(nn.Module):
+    """Patchify -> ViT -> Linear(width, d) -> Mixer -> z (B, N, d)  [released order]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w, N = cfg.enc_width, cfg.grid ** 2
+        self.patch = nn.Conv2d(cfg.channels, w, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.proj = nn.Conv2d(w, w, 1)
+        self.vit = ViT(cfg.grid, w, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio, cfg.num_classes)
+        self.out = nn.Linear(w, cfg.latent_dim)
+        self.mixer = Mixer(N, cfg.latent_dim, cfg.mixer_depth)
+
+    def forward(self, x, y):                                                # (B, C, H, W)
+        x = self.proj(self.patch(x)).flatten(2).transpose(1, 2)             # (B, N, width)
+        return self.mixer(self.out(self.vit(x, y)))                         # (B, N, d)
+
+
+class Decoder(nn.Module):
+    """Linear(d, width) -> Mixer -> ViT -> pixel head -> tanh: (B, N, d) -> (B, C, H, W)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w, N, P, C = cfg.dec_width, cfg.grid ** 2, cfg.patch_size, cfg.channels
+        self.cfg = cfg
+        self.inp = nn.Linear(cfg.latent_dim, w)
+        self.mixer = Mixer(N, w, cfg.mixer_depth)
+        self.vit = ViT(cfg.grid, w, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.num_classes)
+        if cfg.pixel_head == "linear":    # per-token P*P*C pixels, un-patchify, 3x3 conv to smooth seams
+            self.out = nn.Linear(w, P * P * C)
+            self.conv = nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect")
+        else:                             # "conv": 32 channels per token, upsampled by a conv stack
+            self.out = nn.Linear(w, 32)
+            self.conv = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"), nn.SiLU(),
+                                      nn.ConvTranspose2d(32, C, P + 2, stride=P, padding=1))
+
+    def forward(self, v, y):                                                # (B, N, d)
+        cfg, B = self.cfg, v.shape[0]
+        x = self.out(self.vit(self.mixer(self.inp(v)), y))                  # (B, N, out)
+        g, P = cfg.grid, cfg.patch_size
+        if cfg.pixel_head == "linear":                                      # un-patchify
+            x = x.view(B, g, g, P, P, cfg.channels).permute(0, 5, 1, 3, 2, 4)
+            x = x.reshape(B, cfg.channels, g * P, g * P)
+        else:
+            x = x.transpose(1, 2).reshape(B, -1, g, g)                      # (B, 32, h, w)
+        return torch.tanh(self.conv(x))                                     # (B, C, H, W) in [-1, 1]
+
+
+# ----------------------------------------------------------------------------- the model
+class SphereEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.initialize()
+
+    def initialize(self):
+        """Init per REFERENCE.md Sec. 2 [released]: at init the encoder outputs 0, every block is
+        the identity, and the decoder output is a near-constant image."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for vit in (self.encoder.vit, self.decoder.vit):
+            if vit.y_embed is not None:
+                nn.init.normal_(vit.y_embed.weight, std=0.02)
+            for m in [b.ada for b in vit.blocks] + [vit.norm.ada]:
+                if m is not None:                                           # AdaLN-Zero
+                    nn.init.zeros_(m[1].weight), nn.init.zeros_(m[1].bias)
+        nn.init.normal_(self.decoder.inp.weight, std=1.0)
+        for last in (self.encoder.out, self.decoder.out):                  # DiT-style zero output
+            nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
+        for m in self.decoder.conv.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(m.weight, gain=0.01)
+
+    # --- labels: row num_classes of each class table is the null class (CFG, reconstruction)
+    def null_labels(self, batch, device=None):
+        return torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device)
+
+    def labels(self, y, batch, device):
+        """None -> the null class (or nothing, for an unconditional model)."""
+        if self.cfg.num_classes == 0:
+            return None
+        return self.null_labels(batch, device) if y is None else y
+
+    def drop_labels(self, y, p):
+        """Replace each label by the null class with probability p (Sec. 2.4: p = 0.1 for CFG)."""
+        if y is None or p <= 0:
+            return y
+        return torch.where(torch.rand(y.shape, device=y.device) < p, self.cfg.num_classes, y)
+
+    # --- the public API
+    def encode(self, x, y=None):
+        """E: images (B, C, H, W) in [-1, 1] -> latent z (B, h, w, d), before spherify."""
+        g = self.cfg.grid
+        z = self.encoder(x, self.labels(y, x.shape[0], x.device))          # (B, N, d)
+        return z.view(x.shape[0], g, g, self.cfg.latent_dim)
+
+    def decode(self, v, y=None):
+        """D: a point on the sphere, (B, h, w, d) or (B, L) -> images (B, C, H, W) in [-1, 1]."""
+        B = v.shape[0]
+        v = v.reshape(B, self.cfg.grid ** 2, self.cfg.latent_dim)          # (B, N, d)
+        return self.decoder(v, self.labels(y, B, v.device))
+
+    def forward(self, x, y, sigma, sigma_sub, p_drop=0.1):
+        """The training pass, Eq. 4-9, in one call (so DDP/FSDP see one forward per step):
+        encode once, two noisy latents from one noise draw, one decoder pass on the doubled
+        batch, and the re-encoding that latent consistency needs. Labels are dropped to the
+        null class independently at each network call (p_drop, Sec. 2.4). Returns
+        z (target of Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
+        y = self.labels(y, x.shape[0], x.device)
+        z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
+        v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
+        y2 = None if y is None else y.repeat(2)
+        x_both = self.decode(torch.cat([v_NOISY, v_noisy]), self.drop_labels(y2, p_drop))
+        x_NOISY, x_noisy = x_both.chunk(2)                                  # (B, C, H, W) each
+        z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
+        return z, x_NOISY, x_noisy, z_re
+
+    def set_grad_checkpointing(self, on=True):
+        self.encoder.vit.grad_ckpt = self.decoder.vit.grad_ckpt = on
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self):
+        """Forward matmul FLOPs per image (2 per multiply-add), {"encoder", "decoder"}: every
+        Linear counts 2 * rows * in * out, attention 4 * N^2 * width per layer."""
+        cfg, N, P, C = self.cfg, self.cfg.grid ** 2, self.cfg.patch_size, self.cfg.channels
+
+        def vit(w, depth):
+            hidden = int(2 / 3 * cfg.mlp_ratio * w)
+            return depth * (2 * N * (4 * w * w + 3 * w * hidden) + 4 * N * N * w)
+
+        def mixer(D):                                                       # token + channel mixing
+            return cfg.mixer_depth * (2 * D * 2 * N * N + 2 * N * 4 * D * D)
+
+        w, d = cfg.enc_width, cfg.latent_dim
+        enc = 2 * N * (C * P * P * w + w * w + w * d) + vit(w, cfg.enc_depth) + mixer(d)
+        w = cfg.dec_width
+        head = 2 * N * w * P * P * C if cfg.pixel_head == "linear" else 2 * N * w * 32
+        dec = 2 * N * d * w + mixer(w) + vit(w, cfg.dec_depth) + head
+        return {"encoder": enc, "decoder": dec}
+
+
+if __name__ == "__main__":
+    for ds in LATENTS:
+        for size in SIZES:
+            with torch.device("meta"):
+                m = SphereEncoder(make_config(size, ds))
+            f = m.flops_per_image()
+            print(f"{size:>4} {ds:<11} params {m.num_params() / 1e6:8.1f}M  latent {m.cfg.grid}x{m.cfg.grid}"
+                  f"x{m.cfg.latent_dim}  fwd GFLOPs/img enc {f['encoder'] / 1e9:7.2f} dec {f['decoder'] / 1e9:7.2f}")

@@ -1,0 +1,95 @@
+"""The sphere and the noise on it: small pure functions, one per equation.
+
+Sphere Encoder (Hou, Yue, Jia, Goldstein, arXiv 2602.15030), Sec. 2.1-2.2, 2.4, 6 and App. C.2:
+  Eq. 1      spherify: flatten a latent and RMS-normalize it onto the sphere of radius sqrt(L)
+  Eq. 4-6    noisy_latents: v_NOISY = f(v + sigma e), v_noisy = f(v + s sigma e), the same e
+  Eq. 5, C.2 noise_levels: sigma = r tan(alpha), with angle mixing into a high band
+  Eq. 11-12  sigma_max: the noise angle alpha <-> sigma = tan(alpha); angle_deg measures it
+  Eq. 13     sampling_r: the noise strength at each sampling step
+
+Nothing here has parameters; model.py, train.py, sample.py and viz.py all call these.
+Check them against the paper with `python -m pytest -q tests/test_spherify.py`.
+"""
+import math
+
+import torch
+
+
+def spherify(z, eps=1e-6):
+    """Eq. 1: v = f(z) = sqrt(L) z / ||z||, over all L = h*w*d elements of each sample.
+
+    Written as z / sqrt(mean(z^2) + eps) (REFERENCE.md Sec. 1): no mean subtraction, and finite
+    at z = 0. Keeps the input's shape: (B, ...) -> (B, ...), with ||v.flatten(1)|| = sqrt(L).
+    """
+    ms = z.pow(2).flatten(1).mean(1)                      # (B,) mean square per sample
+    return z * torch.rsqrt(ms + eps).view(-1, *[1] * (z.dim() - 1))
+
+
+def sigma_max(alpha_deg):
+    """Eq. 11-12: for large L, e is orthogonal to v and ||e|| ~ ||v||, so adding sigma e turns
+    v by the angle arctan(sigma). The largest training angle alpha thus gives sigma = tan(alpha)."""
+    return math.tan(math.radians(alpha_deg))
+
+
+def angle_deg(a, b):
+    """The angle in degrees between a and b, per sample, over all non-batch elements: (B,)."""
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+    return torch.rad2deg(torch.acos(cos.clamp(-1, 1)))
+
+
+def stratified_uniform(n, generator=None, device=None):
+    """n draws in [0, 1] spread evenly over the batch (REFERENCE.md Sec. 3, [released]):
+    n - 2 jittered strata plus exactly one 0 and one 1, in random order. Lower variance than
+    plain U[0, 1] (Eq. 5's reading), and every batch sees both the clean and the noisiest case."""
+    if n < 3:
+        return torch.rand(n, generator=generator, device=device)
+    jitter = torch.rand(n - 2, generator=generator, device=device)
+    strata = (torch.arange(n - 2, device=device) + jitter) / (n - 2)     # one draw per 1/(n-2) bin
+    u = torch.cat([strata, torch.tensor([0.0, 1.0], device=device)])
+    return u[torch.randperm(n, generator=generator, device=device)]
+
+
+def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, generator=None,
+                 device=None):
+    """Eq. 5 with the angle mixing of App. C.2: per-sample noise scales for Eq. 4 and Eq. 6.
+
+    Returns (sigma, sigma_sub), each (n,):
+      sigma     = r tan(alpha), r ~ U[0, 1]                                      (Eq. 5)
+                  or, with probability p_band, sigma ~ U[tan(alpha), tan(band_deg)]  (App. C.2;
+                  [released]: uniform in sigma, not in angle)
+      sigma_sub = s r tan(alpha), s ~ U[0, 0.5]: always from the base r          (Eq. 6)
+    """
+    draw = (lambda: stratified_uniform(n, generator, device)) if stratified else \
+           (lambda: torch.rand(n, generator=generator, device=device))
+    r, s = draw(), 0.5 * draw()                           # Eq. 5, Eq. 6: r ~ U[0,1], s ~ U[0,0.5]
+    sigma = r * sigma_max(alpha_deg)                      # Eq. 5
+    sigma_sub = s * sigma                                 # Eq. 6
+    if band_deg is not None and p_band > 0:               # App. C.2: angle mixing
+        lo, hi = sigma_max(alpha_deg), sigma_max(band_deg)
+        in_band = torch.rand(n, generator=generator, device=device) < p_band
+        high = lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+        sigma = torch.where(in_band, high, sigma)
+    return sigma, sigma_sub
+
+
+def noisy_latents(v, sigma, sigma_sub, e=None):
+    """Eq. 4 and Eq. 6: two noisy copies of the latent v on the sphere, from the same noise e.
+
+    v: (B, ...) on the sphere; sigma, sigma_sub: (B,). Returns (v_NOISY, v_noisy), shapes of v.
+    """
+    e = torch.randn_like(v) if e is None else e          # e ~ N(0, I_L), shared by both
+    bc = lambda t: t.view(-1, *[1] * (v.dim() - 1))       # (B,) -> (B, 1, ..., 1)
+    v_NOISY = spherify(v + bc(sigma) * e)                 # Eq. 4
+    v_noisy = spherify(v + bc(sigma_sub) * e)             # Eq. 6
+    return v_NOISY, v_noisy
+
+
+def sampling_r(t, steps, gamma=0.0):
+    """Eq. 13: the noise strength r at sampling step t = 2..T (step 1 adds none).
+
+    r = (1 - (t-1)/(T-1))^gamma. gamma = 0 keeps r = 1 at every step (the paper's best, Tab. 6);
+    gamma = 1 decays linearly to 0 at the last step. ([released] code decays as 1 - t/T instead,
+    which never reaches 0; we follow the paper's equation.)
+    """
+    assert 2 <= t <= steps, f"step {t} out of 2..{steps}"
+    return (1.0 - (t - 1) / (steps - 1)) ** gamma
