@@ -40,8 +40,8 @@ from spherify import noise_levels, sigma_max, spherify
 # w = loss weights (recon dist, recon perc, con dist, con perc, lat-con) of Eq. 10.
 DATASETS = {
     #              model   image alpha band  epochs warmup batch lr@256  w                          workers
-    "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=4, warmup_epochs=0.5, batch_size=64,
-                     lr=2e-3, w=(1.0, 0.0, 0.5, 0.0, 0.1), num_workers=0),   # ours: CPU quick start, no LPIPS
+    "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=2.5, warmup_epochs=0.25, batch_size=64,
+                     lr=4e-3, w=(1.0, 0.0, 0.5, 0.0, 0.1), num_workers=0),   # ours: CPU quick start, no LPIPS
     "cifar10":  dict(model="L", image_size=32, alpha=80, band=85, epochs=5000, warmup_epochs=10, batch_size=256,
                      lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1), num_workers=4),
     "imagenet": dict(model="L", image_size=256, alpha=85, band=89, epochs=800, warmup_epochs=5, batch_size=256,

@@ -1,0 +1,139 @@
+"""train.py and data.py: resume equals uninterrupted, DDP on gloo, atomic checkpoints, bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from data import ToyShapes
+
+FAST = ["--batch_size", "8", "--model", "tiny", "--log_every", "2", "--sample_every", "1000", "--num_workers", "0"]
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_toy_dataset_is_deterministic_and_in_range():
+    ds = ToyShapes()
+    x0, y0 = ds[7]
+    x1, y1 = ToyShapes()[7]                                                      # another process, same image
+    assert torch.equal(x0, x1) and y0 == y1 == 7
+    assert x0.shape == (3, 32, 32) and x0.min() >= -1 and x0.max() <= 1
+    assert not torch.equal(ds[17][0], x0)                                        # same class, other image
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(FAST + ["--max_steps", "6", "--ckpt_every", "3", "--out_dir", straight])
+
+    real_save = train.save_checkpoint
+
+    def save_then_crash(obj, path):                                            # killed right after step 3's save
+        real_save(obj, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(FAST + ["--max_steps", "6", "--ckpt_every", "3", "--out_dir", resumed])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(os.path.join(resumed, "last.pt"), weights_only=True)["step"] == 3
+    train.main(FAST + ["--max_steps", "6", "--ckpt_every", "3", "--out_dir", resumed, "--resume"])
+
+    a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)       # plain dict, weights_only
+    b = torch.load(os.path.join(resumed, "last.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k                    # bit-identical on CPU
+    assert set(a) >= {"model", "optimizer", "step", "config", "args", "rng"}
+    assert os.path.isfile(os.path.join(straight, "samples_0000006.png"))
+    assert os.path.isfile(os.path.join(straight, "recon_0000006.png"))
+
+
+def test_ranks_see_the_global_batch_of_one_process():
+    """The union of the two ranks' micro-batches at each step is the 1-process batch, also
+    after a mid-epoch resume (ResumableSampler.start)."""
+    ds = ToyShapes(size=100)
+    def batches(world, rank, start=0):
+        s = train.ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3, drop_last=True)
+        s.set_epoch(2)
+        s.start = start
+        idx = list(s)
+        per = 16 // world
+        return [set(idx[i:i + per]) for i in range(0, len(idx) - per + 1, per)]
+    one, r0, r1 = batches(1, 0), batches(2, 0), batches(2, 1)
+    assert len(r0) == len(r1) >= 3
+    for step in range(len(r0)):
+        assert r0[step] | r1[step] == one[step]
+    assert batches(2, 1, start=8)[0] == r1[1]                                   # resumed at step 1
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py", *FAST,
+            "--max_steps", "3", "--out_dir", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DDP check: parameters identical on all 2 ranks: True" in r.stdout
+    assert "2 process(es) x 1 accum x 4 = batch 8" in r.stdout
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ck["step"] == 3 and len(ck["rng"]) == 2
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(src, dst):
+        raise OSError("killed between writing the temp file and the rename")
+    monkeypatch.setattr(train.os, "replace", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    ck = torch.load(path, weights_only=True)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = train.sphere_losses
+
+    def nan_at_third_step(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["total"] = out["total"] * float("nan")
+        return out
+    monkeypatch.setattr(train, "sphere_losses", nan_at_third_step)
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit) as exc:
+        train.main(FAST + ["--max_steps", "6", "--ckpt_every", "1", "--out_dir", out])
+    assert exc.value.code == 1
+    assert "non-finite loss at step 2" in capsys.readouterr().err                # steps count from 0
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "folder", "--data_dir", "/nonexistent/images"], "not a folder"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--batch_size", "6", "--grad_accum", "4"], "multiple of"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    r = run("train.py", *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_corrupt_checkpoint_exits_2(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    r = run("train.py", "--resume", "--out_dir", str(tmp_path))
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_image_folder_exits_2(tmp_path):
+    (tmp_path / "cls_a").mkdir()
+    r = run("train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32")
+    assert r.returncode == 2 and "no images found" in r.stderr and "Traceback" not in r.stderr
