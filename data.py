@@ -71,6 +71,45 @@ def toy_image(label, rng, n=32):
     return (img * 2 - 1).astype(np.float32)
 
 
+class ToyClassifier(torch.nn.Module):
+    """A small CNN for the 10 toy classes: the offline stand-in for Inception, so sample.py can
+    score samples on the toy data (class accuracy, Frechet distance of its features) without a
+    download. features(x) -> (B, 128); forward(x) -> logits (B, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, 2, 1), torch.nn.GroupNorm(8, o), torch.nn.SiLU())
+        self.body = torch.nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(128, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def toy_classifier(path, steps=300, device="cpu"):
+    """The toy classifier, trained once (about 30 s on a CPU, on toy images 10000+, never seen in
+    training) and cached at path."""
+    net = ToyClassifier().to(device)
+    if os.path.isfile(path):
+        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return net.eval()
+    g = torch.Generator().manual_seed(0)
+    ds, opt = ToyShapes(size=10_000 + 128 * steps), torch.optim.Adam(net.parameters(), lr=2e-3)
+    for k in range(steps):
+        x, y = zip(*[ds[10_000 + 128 * k + i] for i in range(128)])
+        x = torch.stack(x).to(device)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g).to(device) < 0.5, x.flip(3), x)
+        loss = torch.nn.functional.cross_entropy(net(x), torch.tensor(y, device=device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(net.state_dict(), path)
+    return net.eval()
+
+
 def image_transform(image_size):
     """Resize the shorter side, centre crop (Sec. 3), to a tensor in [-1, 1]."""
     from torchvision import transforms as T

@@ -35,22 +35,21 @@ from model import Config, SphereEncoder, make_config
 from sample import generate
 from spherify import noise_levels, sigma_max, spherify
 
-# Per-dataset defaults (REFERENCE.md Sec. 2-5); every key is also a flag that overrides it.
-# lr is the peak lr at global batch 256, scaled linearly with --batch_size (Sec. 5 [released]);
-# w = loss weights (recon dist, recon perc, con dist, con perc, lat-con) of Eq. 10.
+# Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
+# name; base_lr (the peak lr at global batch 256, scaled linearly with --batch_size, Sec. 5) by --lr,
+# w (Eq. 10's weights: recon dist, recon perc, con dist, con perc, lat-con) by --weights.
 DATASETS = {
-    #              model   image alpha band  epochs warmup batch lr@256  w                          workers
     "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=2.5, warmup_epochs=0.25, batch_size=64,
-                     lr=4e-3, w=(1.0, 0.0, 0.5, 0.0, 0.1), num_workers=0),   # ours: CPU quick start, no LPIPS
+                     base_lr=1.6e-2, w=(1.0, 0.0, 0.5, 0.0, 0.1), num_workers=0),  # ours: CPU quick start (lr 4e-3 at batch 64), no LPIPS
     "cifar10":  dict(model="L", image_size=32, alpha=80, band=85, epochs=5000, warmup_epochs=10, batch_size=256,
-                     lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1), num_workers=4),
+                     base_lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1), num_workers=4),
     "imagenet": dict(model="L", image_size=256, alpha=85, band=89, epochs=800, warmup_epochs=5, batch_size=256,
-                     lr=1e-4, w=(50.0, 1.0, 25.0, 1.0, 0.1), num_workers=8),
+                     base_lr=1e-4, w=(50.0, 1.0, 25.0, 1.0, 0.1), num_workers=8),
     "flowers":  dict(model="L", image_size=256, alpha=85, band=89, epochs=1000, warmup_epochs=10, batch_size=256,
-                     lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1), num_workers=8),
+                     base_lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1), num_workers=8),
     # any ImageFolder tree: 256px settings of Flowers; at <= 64px use --alpha 80 --band 85 (our choice)
     "folder":   dict(model="L", image_size=256, alpha=85, band=89, epochs=1000, warmup_epochs=10, batch_size=256,
-                     lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1), num_workers=8),
+                     base_lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1), num_workers=8),
 }
 
 
@@ -219,7 +218,7 @@ def main(argv=None):
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
     model = SphereEncoder(cfg).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
-    lr = args.lr if args.lr is not None else DATASETS[args.dataset]["lr"] * args.batch_size / 256
+    lr = args.lr if args.lr is not None else args.base_lr * args.batch_size / 256
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}],
                             lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
