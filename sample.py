@@ -8,6 +8,7 @@ step re-encodes the image, puts it back on the sphere with noise r sigma_max e',
 """
 import torch
 
+from data import DataError
 from spherify import spherify, sampling_r
 
 
@@ -26,25 +27,231 @@ def _guided(fn, inp, y, w, null):
 
 
 @torch.no_grad()
-def generate(model, e, y=None, steps=4, sigma_max=5.67, gamma=0.0, cfg=1.0, cfg_position="combo",
-             noise="shared", generator=None):
-    """Algorithm 1. e: (B, h, w, d) Gaussian noise; y: (B,) labels or None (null class /
-    unconditional). Returns a list of the images after each step, each (B, C, H, W) in [-1, 1]:
-    a step is one decoder pass, so steps=1 is exactly D(f(e)) (Eq. 3).
-
-    noise: "shared" draws e' once at the first re-encode and reuses it (the paper's best, Tab. 6),
-    "independent" draws a fresh e' every step. gamma: Eq. 13 (0 = fixed r = 1, the best)."""
+def refine(model, x, y, rs, sigma_max, cfg=1.0, cfg_position="combo", noise="shared", generator=None, trace=None):
+    """The loop of Algorithm 1 from an image x: for each r in rs, encode, put the latent back on
+    the sphere with noise r sigma_max e', decode. Returns the image after each round.
+    noise: "shared" draws e' once and reuses it (the paper's best, Tab. 6), "independent" draws a
+    fresh e' every round. trace: a list that receives the v decoded at each round (viz.py)."""
     w_pix, w_lat = guidance_scales(cfg, cfg_position)
     null = None if y is None else model.null_labels(len(y), y.device)
-    decode = lambda v: _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)  # pixel CFG, clamp [released]
-    v = spherify(e)                                                         # step 1: no added noise
-    xs = [decode(v)]
-    e2 = None
-    for t in range(2, steps + 1):
-        z = _guided(model.encode, xs[-1], y, w_lat, null).float()           # latent CFG
+    xs, e2 = [], None
+    for r in rs:
+        z = _guided(model.encode, x, y, w_lat, null).float()                 # latent CFG
         if e2 is None or noise == "independent":
-            e2 = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
-        r = sampling_r(t, steps, gamma)                                     # Eq. 13
-        v = spherify(spherify(z) + r * sigma_max * e2)                      # Eq. 4 at r sigma_max
-        xs.append(decode(v))
+            e2 = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        v = spherify(spherify(z) + r * sigma_max * e2)                      # Eq. 4 at sigma = r sigma_max
+        if trace is not None:
+            trace.append(v)
+        x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)  # pixel CFG, clamp [released]
+        xs.append(x)
     return xs
+
+
+@torch.no_grad()
+def generate(model, e, y=None, steps=4, sigma_max=5.67, gamma=0.0, cfg=1.0, cfg_position="combo",
+             noise="shared", generator=None, trace=None):
+    """Algorithm 1. e: (B, h, w, d) Gaussian noise; y: (B,) labels or None (null class /
+    unconditional). Returns a list of the images after each step, each (B, C, H, W) in [-1, 1]:
+    a step is one decoder pass, so steps=1 is exactly D(f(e)) (Eq. 3). Steps t = 2..T re-encode
+    with noise strength r = sampling_r(t, T, gamma) (Eq. 13; gamma 0 = fixed r = 1, the best)."""
+    w_pix, _ = guidance_scales(cfg, cfg_position)
+    null = None if y is None else model.null_labels(len(y), y.device)
+    v = spherify(e)                                                         # step 1: no added noise
+    if trace is not None:
+        trace.append(v)
+    x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)
+    rs = [sampling_r(t, steps, gamma) for t in range(2, steps + 1)]        # Eq. 13
+    return [x] + refine(model, x, y, rs, sigma_max, cfg, cfg_position, noise, generator, trace)
+
+
+# ----------------------------------------------------------------------------- command line
+def load_model(path, device):
+    """A SphereEncoder and its training args from a train.py checkpoint (weights_only=True)."""
+    from model import Config, SphereEncoder
+    from train import load_checkpoint
+    ckpt = load_checkpoint(path)
+    if not {"model", "config", "args"} <= set(ckpt):
+        raise DataError(f"{path!r} is not a train.py checkpoint (needs model, config, args)")
+    model = SphereEncoder(Config(**ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt["args"]
+
+
+def fidelity(samples, args, train_args):
+    """FID / IS of uint8 samples (N, 3, H, W) with torch-fidelity against the training set of
+    the checkpoint's dataset or an image folder (--ref DIR). The training set's Inception statistics
+    are cached by torch-fidelity under a name, so they are computed once."""
+    import torch_fidelity
+    from data import build_dataset
+
+    class U8(torch.utils.data.Dataset):                                     # torch-fidelity wants uint8
+        def __init__(self, x): self.x = x
+        def __len__(self): return len(self.x)
+        def __getitem__(self, i):
+            x = self.x[i][0] if isinstance(self.x[i], tuple) else self.x[i]  # dataset items are (image, label)
+            return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    kw = dict(input1=U8(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
+              feature_extractor_weights_path=args.inception_weights)
+    if args.fid:
+        if args.ref:
+            kw["input2"] = args.ref
+        else:
+            ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), train_args["image_size"])
+            kw["input2"] = U8(ds)
+            kw["input2_cache_name"] = f"sphere-{train_args['dataset']}-{train_args['image_size']}-train"
+    try:
+        return torch_fidelity.calculate_metrics(**kw)
+    except Exception as err:                                                # offline Inception download, ...
+        raise DataError(f"torch-fidelity failed ({str(err).splitlines()[0]}). Offline, put the Inception weights "
+                        f"weights-inception-2015-12-05-6726825d.pth somewhere and pass --inception_weights PATH") from None
+
+
+def frechet_distance(f1, f2):
+    """Frechet distance between Gaussians fitted to two feature sets (N, D): the formula of FID."""
+    import numpy as np
+    from scipy import linalg
+    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def toy_scores(samples, labels, classifier):
+    """Offline scores on the toy data: the Frechet distance between samples and as many training
+    images in the toy classifier's features (lower is better), and how often the classifier
+    finds the class the sample was asked for. samples: (N, C, H, W) in [-1, 1]."""
+    from data import ToyShapes
+    ds = ToyShapes()
+    ref = torch.stack([ds[i][0] for i in range(len(samples))])
+    feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()
+    acc = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float().mean().item()
+    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc}
+
+
+def main(argv=None):
+    import argparse
+    import os
+
+    import numpy as np
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+
+    from spherify import sigma_max
+    from train import DataError, die
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = die
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
+    p.add_argument("--steps", default="4", help="decoder passes; a list like 1,2,4 sweeps")
+    p.add_argument("--n", type=int, default=None, help="number of samples per steps setting (default: 8 per class, or 64)")
+    p.add_argument("--classes", default="all", help="'all' or a list like 3,5 (balanced over them)")
+    p.add_argument("--cfg", type=float, default=1.0, help="CFG scale; 1 = off")
+    p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
+    p.add_argument("--gamma", type=float, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
+    p.add_argument("--noise", default="shared", choices=["shared", "independent"])
+    p.add_argument("--alpha", type=float, default=None, help="noise angle (default: the training alpha)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--out", default=None, help="grid PNG (default: <ckpt dir>/samples_<steps>.png)")
+    p.add_argument("--per_step", action="store_true", help="also save a grid of every step's images")
+    p.add_argument("--out_dir", default=None, help="also save each sample as a PNG here")
+    p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
+    p.add_argument("--fid", action="store_true", help="FID against the training set / --ref (torch-fidelity)")
+    p.add_argument("--is", dest="is_", action="store_true", help="Inception Score (torch-fidelity)")
+    p.add_argument("--ref", default=None, help="FID reference: an image folder (default: the training set)")
+    p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
+    p.add_argument("--toy_metrics", action="store_true",
+                   help="toy data: Frechet distance and class accuracy in a small toy classifier's features (offline)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args(argv)
+
+    try:
+        steps_list = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        die(f"--steps must be integers like 1,2,4, got {args.steps!r}")
+    if min(steps_list) < 1:
+        die(f"--steps must be >= 1, got {args.steps}")
+    if args.cfg < 0:
+        die(f"--cfg must be >= 0, got {args.cfg}")
+    if (args.n is not None and args.n < 1) or args.batch_size < 1:
+        die("--n and --batch_size must be positive")
+    try:
+        model, train_args = load_model(args.ckpt, args.device)
+    except DataError as err:
+        die(str(err))
+    cfg = model.cfg
+    if cfg.num_classes == 0 and args.cfg != 1.0:
+        die("CFG needs a class-conditional model; this one is unconditional (use --cfg 1)")
+    if cfg.num_classes == 0 and args.classes != "all":
+        die("--classes needs a class-conditional model; this one is unconditional")
+    try:
+        classes = list(range(cfg.num_classes)) if args.classes == "all" else [int(c) for c in args.classes.split(",")]
+    except ValueError:
+        die(f"--classes must be 'all' or integers like 3,5, got {args.classes!r}")
+    if any(not 0 <= c < cfg.num_classes for c in classes):
+        die(f"class ids must be in 0..{cfg.num_classes - 1}, got {args.classes}")
+    if args.toy_metrics and train_args["dataset"] != "toy":
+        die("--toy_metrics is for models trained on the toy data")
+    args.n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
+    alpha = args.alpha if args.alpha is not None else train_args["alpha"]
+    net = torch.compile(model) if args.compile else model                   # same weights, compiled calls
+    autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    out_base = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
+
+    # labels balanced over the chosen classes, grouped so grid rows are classes
+    y_all = torch.tensor([classes[i * len(classes) // args.n] for i in range(args.n)]) if cfg.num_classes else None
+    for steps in steps_list:
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        per_step, labels = [], []
+        for i in tqdm(range(0, args.n, args.batch_size), desc=f"{steps} step(s)", leave=False):
+            b = min(args.batch_size, args.n - i)
+            e = torch.randn(b, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=args.device)
+            y = None if y_all is None else y_all[i:i + b].to(args.device)
+            with torch.inference_mode(), autocast:
+                xs = generate(net, e, y, steps, sigma_max(alpha), args.gamma, args.cfg, args.cfg_position,
+                              args.noise, generator=g)
+            per_step.append(torch.stack([x.float().cpu() for x in xs]))     # (steps, b, C, H, W)
+            labels.append(torch.full((b,), -1) if y is None else y.cpu())
+        imgs = torch.cat(per_step, dim=1)                                   # (steps, n, C, H, W)
+        final, labels = imgs[-1] * 0.5 + 0.5, torch.cat(labels)
+        suffix = f"_{steps}step" if len(steps_list) > 1 else ""
+        root, ext = os.path.splitext(out_base)
+        os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
+        nrow = max(1, args.n // len(classes)) if cfg.num_classes and len(classes) <= 32 else int(args.n ** 0.5)
+        save_image(final, f"{root}{suffix}{ext}", nrow=nrow)
+        print(f"wrote {root}{suffix}{ext} ({args.n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
+        if args.per_step:                                                   # rows = samples, columns = steps
+            k = min(args.n, 16)
+            save_image(imgs[:, :k].transpose(0, 1).reshape(-1, *imgs.shape[2:]) * 0.5 + 0.5,
+                       f"{root}{suffix}_per_step{ext}", nrow=steps)
+            print(f"wrote {root}{suffix}_per_step{ext} (rows: {k} samples, columns: steps 1..{steps})")
+        u8 = (final * 255).round().clamp(0, 255).to(torch.uint8)            # (n, C, H, W)
+        if args.out_dir:
+            d = args.out_dir + suffix
+            os.makedirs(d, exist_ok=True)
+            for j, x in enumerate(u8):
+                save_image(x.float() / 255, os.path.join(d, f"{j:06d}.png"))
+        if args.npz:
+            path = args.npz.replace(".npz", f"{suffix}.npz")
+            np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+            print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
+        if args.toy_metrics:
+            from data import toy_classifier
+            clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
+            m = toy_scores(final * 2 - 1, labels, clf)
+            print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}")
+        if args.fid or args.is_:
+            try:
+                metrics = fidelity(u8, args, train_args)
+            except DataError as err:
+                die(str(err))
+            print(f"steps {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

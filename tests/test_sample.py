@@ -1,0 +1,165 @@
+"""sample.py: Algorithm 1, CFG, outputs and bad input."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+from conftest import ROOT, randomize_zero_inits
+from model import SphereEncoder
+from sample import generate, guidance_scales
+from spherify import sigma_max, spherify
+
+
+@pytest.fixture
+def model(tiny_cfg):
+    torch.manual_seed(0)
+    return randomize_zero_inits(SphereEncoder(tiny_cfg)).eval()
+
+
+def noise(m, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, m.cfg.grid, m.cfg.grid, m.cfg.latent_dim, generator=g)
+
+
+def test_one_step_is_decode_of_spherified_noise(model):
+    e, y = noise(model), torch.tensor([0, 1, 2, 3])
+    xs = generate(model, e, y, steps=1)
+    assert len(xs) == 1 and xs[0].shape == (4, 3, 32, 32)
+    torch.testing.assert_close(xs[0], model.decode(spherify(e), y))            # Eq. 3
+    assert xs[0].min() >= -1 and xs[0].max() <= 1
+
+
+def test_steps_are_deterministic_and_refine(model):
+    e, y = noise(model), torch.tensor([0, 1, 2, 3])
+    a = generate(model, e, y, 4, generator=torch.Generator().manual_seed(1))
+    b = generate(model, e, y, 4, generator=torch.Generator().manual_seed(1))
+    assert len(a) == 4 and all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], a[-1])
+
+
+def test_latent_norm_is_sqrt_L_at_every_step(model, monkeypatch):
+    seen = []
+    real = model.decode
+    monkeypatch.setattr(model, "decode", lambda v, y=None: seen.append(v.flatten(1).norm(dim=1)) or real(v, y))
+    generate(model, noise(model), torch.tensor([0, 1, 2, 3]), 4, gamma=1.0)
+    L = model.cfg.latent_size
+    assert len(seen) == 4
+    for n in seen:
+        torch.testing.assert_close(n, torch.full_like(n, L ** 0.5), rtol=1e-4, atol=0)
+
+
+def test_shared_vs_independent_noise(model, monkeypatch):
+    e, y = noise(model), torch.tensor([0, 1, 2, 3])
+    draws = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(1) or real(*a, **k))
+    shared = generate(model, e, y, 4, noise="shared", generator=torch.Generator().manual_seed(1))
+    assert len(draws) == 1                                                       # one e' for all re-encodes
+    indep = generate(model, e, y, 4, noise="independent", generator=torch.Generator().manual_seed(1))
+    assert len(draws) == 1 + 3                                                   # a fresh e' each step
+    torch.testing.assert_close(shared[1], indep[1])                             # same first e'
+    assert not torch.allclose(shared[3], indep[3])
+
+
+@pytest.mark.parametrize("position", ["pixel", "latent", "combo"])
+def test_cfg_one_equals_no_guidance(model, position):
+    e, y = noise(model), torch.tensor([0, 1, 2, 3])
+    plain = generate(model, e, y, 3, generator=torch.Generator().manual_seed(2))
+    guided = generate(model, e, y, 3, cfg=1.0, cfg_position=position, generator=torch.Generator().manual_seed(2))
+    for p, q in zip(plain, guided):
+        torch.testing.assert_close(p, q)
+    strong = generate(model, e, y, 3, cfg=2.0, cfg_position=position, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(plain[-1], strong[-1])
+
+
+def test_pixel_cfg_formula(model):
+    e, y = noise(model), torch.tensor([0, 1, 2, 3])
+    v = spherify(e)
+    cond, unc = model.decode(v, y), model.decode(v, None)
+    expected = (unc + 1.5 * (cond - unc)).clamp(-1, 1)
+    torch.testing.assert_close(generate(model, e, y, 1, cfg=1.5, cfg_position="pixel")[0], expected)
+    assert guidance_scales(1.6, "combo") == pytest.approx((1.6 ** 0.5, 1.6 ** 0.5))   # App. C.1: product = s
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import train
+    out = str(tmp_path_factory.mktemp("ck"))
+    train.main(["--max_steps", "2", "--batch_size", "8", "--sample_every", "100", "--out_dir", out])
+    return os.path.join(out, "last.pt")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_grid_per_step_and_npz_round_trip(ckpt, tmp_path):
+    out, npz = str(tmp_path / "g.png"), str(tmp_path / "s.npz")
+    r = run("--ckpt", ckpt, "--steps", "1,2", "--n", "10", "--classes", "3,5", "--per_step", "--out", out,
+            "--npz", npz, "--out_dir", str(tmp_path / "single"))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    for f in ("g_1step.png", "g_2step.png", "g_2step_per_step.png"):
+        Image.open(tmp_path / f).verify()
+    d = np.load(str(tmp_path / "s_2step.npz"))
+    assert d["arr_0"].shape == (10, 32, 32, 3) and d["arr_0"].dtype == np.uint8
+    assert d["labels"].tolist() == [3] * 5 + [5] * 5                             # balanced, grouped
+    assert len(os.listdir(tmp_path / "single_1step")) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--classes", "10"], "class ids must be in 0..9"),
+])
+def test_cli_bad_input(ckpt, args, message):
+    r = run("--ckpt", ckpt, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_and_corrupt_checkpoint(tmp_path):
+    r = run("--ckpt", str(tmp_path / "nope.pt"))
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    r = run("--ckpt", str(tmp_path / "bad.pt"))
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_frechet_distance_hand_values():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert sample.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # N(0, I) vs N(mu, 4 I) in 3D: |mu|^2 + tr(I + 4I - 2 * 2I) = |mu|^2 + 3
+    b = rng.normal(size=(4000, 3)) * 2 + np.array([1.0, 2.0, 0.0])
+    assert sample.frechet_distance(a, b) == pytest.approx(5.0 + 3.0, rel=0.1)
+
+
+def test_toy_scores_offline_with_a_stand_in_classifier():
+    from data import ToyClassifier, ToyShapes
+    torch.manual_seed(0)
+    clf = ToyClassifier().eval()                                                 # random weights: exercises the path
+    ds = ToyShapes()
+    real = torch.stack([ds[i][0] for i in range(64)])
+    labels = torch.arange(64) % 10
+    same = sample.toy_scores(real, labels, clf)                                  # the reference images themselves
+    assert same["toy_fd"] == pytest.approx(0.0, abs=1e-3)
+    noise = sample.toy_scores(torch.rand(64, 3, 32, 32) * 2 - 1, labels, clf)
+    assert noise["toy_fd"] > same["toy_fd"] + 1e-3 and 0 <= noise["class_acc"] <= 1
+
+
+def test_fid_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys):
+    import torch_fidelity
+
+    def offline(**kw):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", offline)
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--ckpt", ckpt, "--n", "4", "--steps", "1", "--fid", "--ref", os.path.dirname(ckpt),
+                     "--out", os.path.join(os.path.dirname(ckpt), "f.png")])
+    assert exc.value.code == 2
+    assert "--inception_weights PATH" in capsys.readouterr().err
