@@ -1,0 +1,133 @@
+"""Image editing with a trained Sphere Encoder: reconstruction, interpolation, crossover and
+conditional manipulation. Each command writes one PNG grid.
+
+Sphere Encoder (arXiv 2602.15030): Eq. 2 (reconstruction, null class, r = 0), Sec. 4 (latent
+interpolation), Sec. 5 (crossover: stitch two images, up to 10 rounds, r = 0.25, gamma = 1, no
+CFG; conditional manipulation: encode, then encode/decode under a target class, r = 1, gamma = 0).
+Images are picked by index from the checkpoint's training set (or --dataset / --data_dir).
+
+    python edit.py recon      --ckpt out/toy/last.pt --images 0,1,2,3
+    python edit.py interp     --ckpt out/toy/last.pt --images 0,1
+    python edit.py crossover  --ckpt out/toy/last.pt --images 0,5
+    python edit.py manipulate --ckpt out/toy/last.pt --images 0,1,2 --target 7
+"""
+import argparse
+import os
+
+import torch
+
+from sample import refine
+from spherify import sigma_max, spherify
+
+
+@torch.no_grad()
+def reconstruct(model, x, y=None):
+    """Eq. 2: D(f(E(x))), with the null class by default (REFERENCE.md Sec. 2), r = 0."""
+    return model.decode(spherify(model.encode(x, y)), y).float()
+
+
+def slerp(a, b, t):
+    """Spherical interpolation between a and b (same norm), per sample; stays on the sphere."""
+    a2, b2 = a.flatten(1), b.flatten(1)
+    omega = torch.acos((torch.nn.functional.cosine_similarity(a2, b2, dim=1)).clamp(-1, 1))[:, None]  # (B, 1)
+    so = torch.sin(omega).clamp_min(1e-8)
+    out = torch.sin((1 - t) * omega) / so * a2 + torch.sin(t * omega) / so * b2
+    return out.view_as(a)
+
+
+def lerp(a, b, t):
+    """Straight-line interpolation, put back on the sphere by f (Eq. 1)."""
+    return spherify((1 - t) * a + t * b)
+
+
+@torch.no_grad()
+def interpolate(model, xa, xb, n=8, y=None):
+    """Rows: lerp then slerp between the latents of xa and xb (B = 1 each): (2 n, C, H, W)."""
+    va, vb = spherify(model.encode(xa, y)), spherify(model.encode(xb, y))
+    ts = torch.linspace(0, 1, n)
+    rows = [torch.cat([fn(va, vb, t.item()) for t in ts]) for fn in (lerp, slerp)]   # (n, h, w, d) each
+    return torch.cat([model.decode(v, None if y is None else y.expand(n)) for v in rows]).float()
+
+
+def rounds(r, gamma, n):
+    """Eq. 13 applied to n editing rounds: r_k = r (1 - k / n)^gamma, k = 0..n-1."""
+    return [r * (1 - k / n) ** gamma for k in range(n)]
+
+
+@torch.no_grad()
+def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generator=None):
+    """Sec. 5: the left half of xa next to the right half of xb, then encode/decode rounds that
+    blend the seam. Returns [stitched] + the image after each round."""
+    W = xa.shape[-1]
+    x = torch.cat([xa[..., : W // 2], xb[..., W // 2:]], dim=-1)
+    return [x] + refine(model, x, y, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
+
+
+@torch.no_grad()
+def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=None):
+    """Sec. 5: encode x and decode it under the target class, `steps` rounds (r = 1, gamma = 0, no
+    CFG: one round already adapts texture, more refine it). Returns the image after each round."""
+    return refine(model, x, target, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
+
+
+def main(argv=None):
+    from torchvision.utils import save_image
+
+    from data import DataError, build_dataset
+    from sample import load_model
+    from train import die
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = die
+    p.add_argument("command", choices=["recon", "interp", "crossover", "manipulate"])
+    p.add_argument("--ckpt", default="out/toy/last.pt")
+    p.add_argument("--images", default="0,1,2,3", help="dataset indices, comma-separated")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--target", type=int, default=0, help="manipulate: the target class")
+    p.add_argument("--steps", type=int, default=None, help="rounds (crossover 10, manipulate 4)")
+    p.add_argument("--r", type=float, default=None, help="noise strength (crossover 0.25, manipulate 1)")
+    p.add_argument("--gamma", type=float, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="PNG (default: <ckpt dir>/<command>.png)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        model, targs = load_model(args.ckpt, args.device)
+        ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
+                              model.cfg.image_size)
+        idx = [int(i) for i in args.images.split(",")]
+    except DataError as err:
+        die(str(err))
+    except ValueError:
+        die(f"--images must be integers like 0,1, got {args.images!r}")
+    if any(not 0 <= i < len(ds) for i in idx):
+        die(f"--images must be in 0..{len(ds) - 1}")
+    need = {"interp": 2, "crossover": 2}.get(args.command, 1)
+    if len(idx) < need:
+        die(f"{args.command} needs {need} images in --images")
+    if args.command == "manipulate" and not 0 <= args.target < model.cfg.num_classes:
+        die(f"--target must be a class in 0..{model.cfg.num_classes - 1} (the model has {model.cfg.num_classes})")
+    x = torch.stack([ds[i][0] for i in idx]).to(args.device)
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    alpha = targs["alpha"]
+    if args.command == "recon":                                              # rows: originals, reconstructions
+        grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
+    elif args.command == "interp":                                           # rows: lerp, slerp
+        grid, nrow = interpolate(model, x[:1], x[1:2]), 8
+    elif args.command == "crossover":                                        # stitched, then each round
+        kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
+        xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
+        grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2
+    else:                                                                    # rows: input, then each round
+        kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
+        y = torch.full((len(x),), args.target, device=args.device)
+        xs = manipulate(model, x, y, alpha, generator=g, **kw)
+        grid, nrow = torch.stack([x] + xs, 1).flatten(0, 1), len(xs) + 1
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{args.command}.png")
+    save_image(grid * 0.5 + 0.5, out, nrow=nrow)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

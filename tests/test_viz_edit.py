@@ -1,0 +1,83 @@
+"""viz.py and edit.py on a tiny untrained model: valid PNGs, the uniformity measure, slerp, editing."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import edit
+import viz
+from conftest import ROOT, randomize_zero_inits
+from model import SphereEncoder
+from spherify import spherify
+
+
+def test_uniformity_scores_prior_uniform_and_collapse_far():
+    torch.manual_seed(0)
+    L = 2048
+    prior = viz.uniformity(spherify(torch.randn(500, L)))
+    assert prior["uniformity"] == pytest.approx(-4.0, abs=0.05)                 # -2t for t = 2
+    assert prior["cos_std"] == pytest.approx(1.0, abs=0.05)
+    same = viz.uniformity(spherify(torch.randn(1, L)).expand(500, L))
+    assert same["uniformity"] == pytest.approx(0.0, abs=1e-6)                   # all latents equal
+    centers = spherify(torch.randn(10, L))                                      # one cluster per class
+    clusters = spherify(centers.repeat_interleave(50, 0) + 0.3 * torch.randn(500, L))
+    c = viz.uniformity(clusters)
+    assert c["uniformity"] > -2.5 and c["cos_std"] > 5
+
+
+def test_slerp_stays_on_the_sphere_and_hits_the_ends():
+    torch.manual_seed(0)
+    a, b = spherify(torch.randn(3, 4, 4, 8)), spherify(torch.randn(3, 4, 4, 8))
+    for t in torch.linspace(0, 1, 7).tolist():
+        n = edit.slerp(a, b, t).flatten(1).norm(dim=1)
+        torch.testing.assert_close(n, torch.full((3,), math.sqrt(128.0)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(edit.slerp(a, b, 0.0), a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(edit.slerp(a, b, 1.0), b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(edit.lerp(a, b, 0.5).flatten(1).norm(dim=1), torch.full((3,), math.sqrt(128.0)))
+
+
+@pytest.fixture
+def model(tiny_cfg):
+    torch.manual_seed(0)
+    return randomize_zero_inits(SphereEncoder(tiny_cfg)).eval()
+
+
+def test_manipulation_to_same_class_without_noise_is_reconstruction(model):
+    x, y = torch.rand(3, 3, 32, 32) * 2 - 1, torch.tensor([1, 4, 7])
+    out = edit.manipulate(model, x, y, alpha=80, steps=1, r=0.0)
+    torch.testing.assert_close(out[-1], edit.reconstruct(model, x, y))
+    other = edit.manipulate(model, x, torch.tensor([2, 2, 2]), alpha=80, steps=1, r=0.0)
+    assert not torch.allclose(other[-1], out[-1])
+
+
+def test_crossover_stitches_halves_and_refines(model):
+    xa, xb = -torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)
+    xs = edit.crossover(model, xa, xb, alpha=80, steps=3)
+    assert len(xs) == 4 and torch.equal(xs[0][..., :16], xa[..., :16]) and torch.equal(xs[0][..., 16:], xb[..., 16:])
+    assert edit.rounds(0.25, 1.0, 10)[0] == 0.25 and edit.rounds(0.25, 1.0, 10)[-1] == pytest.approx(0.025)
+
+
+def test_plots_write_valid_pngs(model, tmp_path):
+    torch.manual_seed(0)
+    v, y = spherify(torch.randn(60, model.cfg.latent_size)), torch.arange(60) % 10
+    prior = spherify(torch.randn(60, model.cfg.latent_size))
+    traj = [spherify(torch.randn(4, model.cfg.latent_size)) for _ in range(3)]
+    stats = {"encoded": viz.uniformity(v), "prior": viz.uniformity(prior)}
+    viz.plot_spheres(v, y, prior, tmp_path / "a.png")
+    viz.plot_per_class(v, y, tmp_path / "b.png")
+    viz.plot_noise(v, traj, 80, 85, tmp_path / "c.png")
+    viz.plot_uniformity(v, prior, stats, tmp_path / "d.png")
+    for f in "abcd":
+        im = Image.open(tmp_path / f"{f}.png")
+        im.verify()
+        assert im.size[0] > 200
+
+
+def test_viz_without_checkpoint_says_what_to_run(tmp_path):
+    r = subprocess.run([sys.executable, "viz.py", "--ckpt", str(tmp_path / "none.pt")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "run `python train.py` first" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,197 @@
+"""Look at the latent sphere of a trained Sphere Encoder: PNG plots and a uniformity number.
+
+Sphere Encoder (arXiv 2602.15030): Sec. 4 and Fig. 7 (random 3D projections of the latents,
+one sphere per class), Eq. 4 and 11-12 (the noise angle), App. C.2 (angle mixing), Alg. 1 (the
+sampling trajectory). Beyond the paper: how uniformly the encoded latents cover the sphere,
+measured against the prior, so a healthy latent space can be told from a collapsed one.
+
+    python train.py && python viz.py      # reads out/toy/last.pt, writes out/toy/viz/*.png
+
+Writes sphere.png, sphere_per_class.png, noise.png, uniformity.png and prints the numbers.
+"""
+import argparse
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")                      # headless
+import matplotlib.pyplot as plt
+import torch
+
+from sample import generate
+from spherify import angle_deg, noise_levels, noisy_latents, sigma_max, spherify
+
+
+def project(v, P):
+    """Random 3D view of the sphere (Sec. 4): (N, L) @ (L, 3), each point scaled to unit length."""
+    return torch.nn.functional.normalize(v.flatten(1) @ P, dim=1)
+
+
+def uniformity(v, t=2.0):
+    """How evenly points cover the sphere, in the full dimension L:
+      U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola's uniformity; lower is
+          more uniform: about -2t = -4 for the uniform prior in high dimension, 0 when collapsed);
+      cos_std = std of pairwise cosines x sqrt(L) (about 1 for uniform points).
+    Returns a dict of floats."""
+    u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)
+    cos = u @ u.T
+    i, j = torch.triu_indices(len(u), len(u), offset=1)
+    c = cos[i, j]
+    U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))       # ||u_i - u_j||^2 = 2 - 2 cos
+    return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item()}
+
+
+@torch.no_grad()
+def encode_dataset(model, ds, n, device, batch=256):
+    """v = f(E(x, y)) of the first n images of ds (Eq. 1), with their labels: (n, L), (n,)."""
+    vs, ys = [], []
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    for k in range(0, len(idx), batch):
+        x, y = zip(*[ds[i] for i in idx[k:k + batch]])
+        x, y = torch.stack(x).to(device), torch.tensor(y, device=device)
+        vs.append(spherify(model.encode(x, y if model.cfg.num_classes else None)).flatten(1).float().cpu())
+        ys.append(y.cpu())
+    return torch.cat(vs), torch.cat(ys)
+
+
+def sphere_axes(fig, pos, title):
+    ax = fig.add_subplot(*pos, projection="3d")
+    ax.set_title(title, fontsize=9)
+    ax.set_box_aspect((1, 1, 1))
+    ax.set_axis_off()
+    return ax
+
+
+def plot_spheres(v, y, prior, out, views=3, seed=0):
+    """Encoded latents (coloured by class) above prior samples, in `views` random projections."""
+    g = torch.Generator().manual_seed(seed)
+    fig = plt.figure(figsize=(4 * views, 8))
+    for k in range(views):
+        P = torch.randn(v.shape[1], 3, generator=g)
+        for row, (pts, col, name) in enumerate(((v, y, "encoded images"), (prior, None, "prior f(e)"))):
+            ax = sphere_axes(fig, (2, views, row * views + k + 1), f"{name}, projection {k + 1}")
+            p = project(pts, P)
+            colors = "gray" if col is None else plt.cm.tab10(col.numpy() % 10)
+            ax.scatter(*p.T, color=colors, s=3, alpha=0.6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def plot_per_class(v, y, out, seed=0):
+    """One sphere per class (Fig. 7): in a healthy conditional model each class covers it evenly."""
+    P = torch.randn(v.shape[1], 3, generator=torch.Generator().manual_seed(seed))
+    classes = y.unique().tolist()[:10]
+    fig = plt.figure(figsize=(2.6 * len(classes), 2.8))
+    for k, c in enumerate(classes):
+        ax = sphere_axes(fig, (1, len(classes), k + 1), f"class {c}")
+        ax.scatter(*project(v[y == c], P).T, color=plt.cm.tab10(k % 10), s=4, alpha=0.7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def plot_noise(v, trajectory, alpha, band, out):
+    """(a) angle between v and its noisy copies against sigma, with arctan(sigma) (Eq. 11-12);
+    (b) the training noise angles under angle mixing (Eq. 5, App. C.2); (c) where Algorithm 1's
+    latent lands at each step, in one random projection."""
+    fig = plt.figure(figsize=(15, 4.5))
+    ax = fig.add_subplot(1, 3, 1)
+    sig = torch.linspace(0, sigma_max(min(band, 89)), 60)
+    vv = v[:1].expand(len(sig), -1)
+    torch.manual_seed(0)
+    v_NOISY, v_noisy = noisy_latents(vv, sig, 0.5 * sig)
+    ax.plot(sig, angle_deg(vv, v_NOISY), label="v_NOISY = f(v + sigma e)  (Eq. 4)")
+    ax.plot(sig, angle_deg(vv, v_noisy), label="v_noisy, s = 0.5  (Eq. 6)")
+    ax.plot(sig, torch.rad2deg(torch.atan(sig)), "k--", lw=1, label="arctan(sigma)  (Eq. 11-12)")
+    ax.axvline(sigma_max(alpha), color="gray", lw=0.8)
+    ax.set(xlabel="sigma", ylabel="angle to v (degrees)", title=f"noise angle, L = {v.shape[1]}")
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, 3, 2)
+    n = 20_000
+    s, s_sub = noise_levels(n, alpha, band if band > alpha else None, generator=torch.Generator().manual_seed(0))
+    ang = torch.rad2deg(torch.atan(s))                                       # large-L angle of sigma
+    ax.hist(ang, bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")
+    ax.hist(torch.rad2deg(torch.atan(s_sub)), bins=90, range=(0, 90), alpha=0.7, label="v_noisy")
+    ax.set(xlabel="noise angle (degrees)", ylabel="count",
+           title=f"training angles: alpha {alpha:g}, band to {band:g} (App. C.2)")
+    ax.legend(fontsize=7)
+    P = torch.randn(v.shape[1], 3, generator=torch.Generator().manual_seed(1))
+    ax = sphere_axes(fig, (1, 3, 3), f"Algorithm 1: latent at steps 1..{len(trajectory)}")
+    ax.scatter(*project(v[:300], P).T, color="lightgray", s=2, alpha=0.4)
+    path = torch.stack([project(t.flatten(1).float().cpu(), P) for t in trajectory], 1)  # (B, steps, 3)
+    for k, pts in enumerate(path):
+        ax.plot(*pts.T, "-o", ms=3, color=plt.cm.tab10(k % 10))
+        ax.scatter(*pts[-1], marker="*", s=60, color=plt.cm.tab10(k % 10))
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def plot_uniformity(v, prior, stats, out):
+    """Pairwise cosines (x sqrt(L)) of encoded latents against the prior's, with the numbers."""
+    L = v.shape[1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pts, name in ((prior, "prior"), (v, "encoded")):
+        u = torch.nn.functional.normalize(pts.double(), dim=1)
+        i, j = torch.triu_indices(len(u), len(u), offset=1)
+        ax.hist(((u @ u.T)[i, j] * math.sqrt(L)).numpy(), bins=100, density=True, alpha=0.6,
+                label=f"{name}: U {stats[name]['uniformity']:.3f}, cos std {stats[name]['cos_std']:.2f}")
+    ax.set(xlabel="pairwise cosine x sqrt(L)", ylabel="density", title="coverage of the sphere (uniform: U ~ -4, std ~ 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from data import DataError, build_dataset
+    from sample import load_model
+    from train import die
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = die
+    p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
+    p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--n", type=int, default=1000, help="images to encode (and prior points)")
+    p.add_argument("--steps", type=int, default=6, help="Algorithm 1 steps for the trajectory")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.steps < 1:
+        die("--n must be >= 2 and --steps >= 1")
+    if not os.path.isfile(args.ckpt):
+        die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
+    try:
+        model, targs = load_model(args.ckpt, args.device)
+        ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
+                              model.cfg.image_size)
+    except DataError as err:
+        die(str(err))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+
+    v, y = encode_dataset(model, ds, min(args.n, len(ds)), args.device)      # (n, L)
+    prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
+    stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
+    for name, s in stats.items():
+        print(f"{name:>8}: uniformity {s['uniformity']:.3f} (uniform ~ -4, collapsed 0) | "
+              f"pairwise cos mean {s['cos_mean']:+.4f}, std x sqrt(L) {s['cos_std']:.2f} (uniform ~ 1)")
+    cfg, k = model.cfg, 6
+    trajectory = []
+    e = torch.randn(k, cfg.grid, cfg.grid, cfg.latent_dim, device=args.device)
+    labels = torch.arange(k, device=args.device) % cfg.num_classes if cfg.num_classes else None
+    generate(model, e, labels, args.steps, sigma_max(targs["alpha"]), trace=trajectory)
+
+    plot_spheres(v, y, prior, os.path.join(out, "sphere.png"))
+    plot_per_class(v, y, os.path.join(out, "sphere_per_class.png"))
+    plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"], os.path.join(out, "noise.png"))
+    plot_uniformity(v, prior, stats, os.path.join(out, "uniformity.png"))
+    print(f"wrote {out}/sphere.png, sphere_per_class.png, noise.png, uniformity.png")
+
+
+if __name__ == "__main__":
+    main()
