@@ -58,9 +58,13 @@ def load_lpips(pretrained=True):
     """LPIPS-VGG as a frozen module. pretrained=False gives a randomly initialised VGG backbone
     (no download: for tests only, it is no perceptual metric). Offline without the VGG file,
     raise an error that says where to put it."""
+    import warnings
+
     import lpips
     try:
-        net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
+        with warnings.catch_warnings():                                   # lpips uses torchvision's old API
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
     except Exception as err:      # urllib/URLError, RuntimeError (bad file), ...: all the same to a user
         where = f"{torch.hub.get_dir()}/checkpoints/{VGG_FILE}"
         raise RuntimeError(

@@ -1,0 +1,148 @@
+"""Benchmark one training step and sampling: img/s, TFLOP/s, MFU, memory, where the time goes.
+
+A training step of the Sphere Encoder (Eq. 4-10) runs the encoder twice (x and the re-encoding
+E(D(v_NOISY)) of Eq. 9) and the decoder once on a doubled batch, so its FLOPs per image are
+3 x (2 encoder + 2 decoder forward FLOPs) (backward ~ 2x forward). The model's own estimate
+(SphereEncoder.flops_per_image) is checked against torch's FlopCounterMode in the same run.
+MFU is reported against the known dense bf16 peak of the GPU (H100/H200/A100) and, on any
+machine, against a large matmul measured in the same run, so the CPU figure is a ratio too.
+
+    python bench.py                                   # tiny preset on the CPU
+    python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU
+"""
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from losses import LossWeights, load_lpips, sphere_losses
+from model import SIZES, SphereEncoder, make_config
+from sample import generate
+from spherify import noise_levels
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 tensor-core FLOP/s
+
+
+def timed(fn, device, iters):
+    """Median wall time of fn() over iters runs, after one warm-up (which also compiles)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(device, iters):
+    """FLOP/s of a large matmul in the training dtype, measured now."""
+    n, dtype = (8192, torch.bfloat16) if device.startswith("cuda") else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, iters)
+
+
+def bench(args, compile_model):
+    dev = args.device
+    cfg = make_config(args.model, args.dataset)
+    model = SphereEncoder(cfg).to(dev)
+    net = torch.compile(model) if compile_model else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
+    perceptual = load_lpips(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.startswith("cuda") else nullcontext()
+    B = args.batch_size
+    x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
+    y = torch.randint(0, max(cfg.num_classes, 1), (B,), device=dev) if cfg.num_classes else None
+    w = LossWeights(1.0, 1.0 if perceptual else 0.0, 0.5, 0.5 if perceptual else 0.0, 0.1)
+
+    def step():
+        sigma, sub = noise_levels(B, 80, 85, device=dev)
+        with autocast:
+            losses = sphere_losses(x, *net(x, y, sigma, sub), w, perceptual)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t_step = timed(step, dev, args.iters)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.startswith("cuda") else float("nan")
+
+    # where the time goes: each part alone, forward + backward as in a step
+    def fwd_bwd(fn):
+        def run():
+            with autocast:
+                out = fn()
+            out.float().square().mean().backward()
+        return run
+    z = torch.randn(2 * B, cfg.grid, cfg.grid, cfg.latent_dim, device=dev)
+    y2 = None if y is None else y.repeat(2)
+    split = {"encoder (x2)": 2 * timed(fwd_bwd(lambda: model.encode(x, y)), dev, args.iters),
+             "decoder (2B)": timed(fwd_bwd(lambda: model.decode(z, y2)), dev, args.iters)}
+    if perceptual is not None:
+        xx = torch.cat([x, x]).requires_grad_()
+        split["perceptual (2B)"] = timed(fwd_bwd(lambda: perceptual(xx, torch.cat([x, x]))), dev, args.iters)
+    step()                                                          # leaves optimizer state allocated
+    split["optimizer"] = timed(opt.step, dev, args.iters)
+    model.zero_grad(set_to_none=True)
+
+    # FLOPs: the model's estimate vs torch's counter (math SDPA so attention is counted)
+    f = model.flops_per_image()
+    est = 3 * (2 * f["encoder"] + 2 * f["decoder"])
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), autocast:
+        sigma, sub = noise_levels(1, 80, 85, device=dev)
+        sphere_losses(x[:1], *model(x[:1], None if y is None else y[:1], sigma, sub), w).get("total").backward()
+    model.zero_grad(set_to_none=True)
+    sampling = {}
+    for steps in (1, 2, 4):
+        e = torch.randn(B, cfg.grid, cfg.grid, cfg.latent_dim, device=dev)
+        def sample_once():
+            with torch.inference_mode(), autocast:
+                generate(net, e, y, steps)
+        sampling[steps] = B / timed(sample_once, dev, args.iters)
+    return dict(t_step=t_step, img_s=B / t_step, flops_est=est, flops_counted=fc.get_total_flops(), mem=mem,
+                split=split, sampling=sampling, params=model.num_params())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(SIZES))
+    p.add_argument("--dataset", default="toy", help="latent shape: toy, cifar10, imagenet, flowers, animalfaces")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    dev = args.device
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    known = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    measured = matmul_peak(dev, args.iters)
+    print(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
+          + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))
+    for mode in (["eager", "compile"] if args.compile else ["eager"]):
+        r = bench(args, mode == "compile")
+        tflops = r["flops_est"] * r["img_s"]
+        print(f"\n[{mode}] {args.model} / {args.dataset}: {r['params'] / 1e6:.1f}M params, batch {args.batch_size}")
+        mem = f"{r['mem']:.2f} GiB" if dev.startswith("cuda") else "n/a on CPU"
+        print(f"  train: {r['img_s']:.1f} img/s, step {r['t_step'] * 1e3:.1f} ms, peak memory {mem}")
+        print(f"  FLOPs/img (train step): estimate {r['flops_est'] / 1e9:.2f} G, counted {r['flops_counted'] / 1e9:.2f} G "
+              f"(ratio {r['flops_est'] / max(r['flops_counted'], 1):.3f})")
+        print(f"  achieved {tflops / 1e12:.3f} TFLOP/s | MFU vs measured matmul {tflops / measured:.1%}"
+              + (f" | MFU vs bf16 peak {tflops / known:.1%}" if known else ""))
+        total = sum(r["split"].values())
+        print("  time split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in r["split"].items()))
+        print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in r["sampling"].items()))
+
+
+if __name__ == "__main__":
+    main()
