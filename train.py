@@ -19,12 +19,15 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -98,6 +101,7 @@ def get_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=4, help="Algorithm 1 steps for the grids")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     args = p.parse_args(argv)
     for k, v in DATASETS[args.dataset].items():                             # fill per-dataset defaults
@@ -191,10 +195,13 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
     print0 = lambda *a: master and print(*a, flush=True)
+    if args.fsdp and world == 1:
+        die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    if args.fsdp and args.ema > 0:
+        die("--ema is not supported with --fsdp")
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
     if micro == 0 or rem:
         die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
-    torch.manual_seed(args.seed + rank)                                     # per-rank noise, flips, dropout
 
     # --- data
     try:
@@ -216,8 +223,21 @@ def main(argv=None):
                                                             num_classes=num_classes)
     if cfg.num_classes != num_classes:
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
+    torch.manual_seed(args.seed)                                            # the same init on every rank (FSDP shards it)
     model = SphereEncoder(cfg).to(device)
+    torch.manual_seed(args.seed + rank)                                     # per-rank noise, flips, dropout
     model.set_grad_checkpointing(args.grad_ckpt)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if args.fsdp:   # one FSDP unit per transformer block and per Mixer, then the rest; bf16 compute, fp32 reduce
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.split(":")[0], (world,))
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
+        for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     lr = args.lr if args.lr is not None else args.base_lr * args.batch_size / 256
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}],
@@ -225,9 +245,9 @@ def main(argv=None):
                             fused=device.startswith("cuda"))
     ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     step = 0
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)         # FQN-keyed: same for DDP and FSDP
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         step = ckpt["step"]
@@ -237,7 +257,7 @@ def main(argv=None):
             if "cuda" in rng and device.startswith("cuda"):
                 torch.cuda.set_rng_state(rng["cuda"])
         print0(f"resumed from {args.out_dir}/last.pt at step {step}")
-    net = DDP(model, device_ids=[local] if device.startswith("cuda") else None) if world > 1 else model
+    net = DDP(model, device_ids=[local] if device.startswith("cuda") else None) if world > 1 and not args.fsdp else model
     net = torch.compile(net) if args.compile else net
     perceptual = None
     if args.w[1] > 0 or args.w[3] > 0:
@@ -267,8 +287,9 @@ def main(argv=None):
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}
         rngs = [None] * world
         dist.all_gather_object(rngs, rng) if world > 1 else rngs.__setitem__(0, rng)
-        if master:
-            obj = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        sd, osd = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
+        if master:                                                          # the full (unsharded) state
+            obj = {"model": sd, "optimizer": osd, "step": step,
                    "config": asdict(cfg), "args": vars(args), "rng": rngs}
             if ema is not None:
                 obj["ema"] = ema.state_dict()
@@ -301,12 +322,16 @@ def main(argv=None):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)  # h-flip (Sec. 3)
             sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)  # Eq. 5, C.2
-            sync = nullcontext() if world == 1 or i == args.grad_accum - 1 else net.no_sync()
+            sync_now = world == 1 or i == args.grad_accum - 1                # reduce grads only on the last micro-batch
+            sync = nullcontext() if sync_now or args.fsdp else net.no_sync()
+            if args.fsdp:
+                model.set_requires_gradient_sync(sync_now)
             with sync, autocast:
                 z, x_NOISY, x_noisy, z_re = net(x, y if num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
                 losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, weights, perceptual)                      # Eq. 10
             (losses["total"] / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
@@ -341,17 +366,25 @@ def main(argv=None):
                     wandb.log(rec, step=step)
         if step % args.ckpt_every == 0 or last:
             save(step)
-        if master and (step % args.sample_every == 0 or last):
-            save_grids(ema or model, x, args, step, device)
+        if step % args.sample_every == 0 or last:
+            plain = ema or model
+            if args.fsdp:                                                   # sample from a gathered copy on rank 0
+                sd = get_model_state_dict(model, options=full)
+                if master:
+                    plain = SphereEncoder(cfg).to(device)
+                    plain.load_state_dict(sd)
+            if master:
+                save_grids(plain, x, args, step, device)
     bar.close()
 
-    if world > 1:   # safety net: DDP must have kept every replica identical
+    if world > 1 and not args.fsdp:   # safety net: DDP must have kept every replica identical
         flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
         ref = flat.clone()
         dist.broadcast(ref, 0)
         same = torch.tensor(float(torch.equal(ref, flat)), device=device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
+    if world > 1:
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {os.path.join(args.out_dir, 'last.pt')}")
 
