@@ -5,6 +5,7 @@ App. C.1 (CFG positions). Step 1 decodes a random point on the sphere, D(f(e)); 
 step re-encodes the image, puts it back on the sphere with noise r sigma_max e', and decodes.
 
     python sample.py --ckpt out/toy/last.pt --steps 4
+    torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
 """
 import torch
 
@@ -140,6 +141,8 @@ def main(argv=None):
     from torchvision.utils import save_image
     from tqdm import tqdm
 
+    import torch.distributed as dist
+
     from spherify import sigma_max
     from train import DataError, die
 
@@ -147,7 +150,8 @@ def main(argv=None):
     p.error = die
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", default="4", help="decoder passes; a list like 1,2,4 sweeps")
-    p.add_argument("--n", type=int, default=None, help="number of samples per steps setting (default: 8 per class, or 64)")
+    p.add_argument("--num_samples", "--n", dest="n", type=int, default=None,
+                   help="samples per steps setting (default: 8 per class, or 64); under torchrun write --num_samples")
     p.add_argument("--classes", default="all", help="'all' or a list like 3,5 (balanced over them)")
     p.add_argument("--cfg", type=float, default=1.0, help="CFG scale; 1 = off")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
@@ -202,35 +206,47 @@ def main(argv=None):
     net = torch.compile(model) if args.compile else model                   # same weights, compiled calls
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     out_base = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
+    # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
+    # seed (args.seed, i), so the samples do not depend on the number of processes.
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
 
     # labels balanced over the chosen classes, grouped so grid rows are classes
     y_all = torch.tensor([classes[i * len(classes) // args.n] for i in range(args.n)]) if cfg.num_classes else None
+    starts = list(range(0, args.n, args.batch_size))
     for steps in steps_list:
-        g = torch.Generator(args.device).manual_seed(args.seed)
-        per_step, labels = [], []
-        for i in tqdm(range(0, args.n, args.batch_size), desc=f"{steps} step(s)", leave=False):
+        mine, first = [], None
+        for i in tqdm(starts[rank::world], desc=f"{steps} step(s)", leave=False, disable=rank > 0):
+            g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + i)
             b = min(args.batch_size, args.n - i)
             e = torch.randn(b, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=args.device)
             y = None if y_all is None else y_all[i:i + b].to(args.device)
             with torch.inference_mode(), autocast:
                 xs = generate(net, e, y, steps, sigma_max(alpha), args.gamma, args.cfg, args.cfg_position,
                               args.noise, generator=g)
-            per_step.append(torch.stack([x.float().cpu() for x in xs]))     # (steps, b, C, H, W)
-            labels.append(torch.full((b,), -1) if y is None else y.cpu())
-        imgs = torch.cat(per_step, dim=1)                                   # (steps, n, C, H, W)
-        final, labels = imgs[-1] * 0.5 + 0.5, torch.cat(labels)
+            u8 = ((xs[-1].float() * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).cpu()  # (b, C, H, W)
+            mine.append((i, u8, torch.full((b,), -1) if y is None else y.cpu()))
+            if i == 0:                                                      # each step's image, first 16 samples
+                first = torch.stack([x[:16].float().cpu() for x in xs])   # (steps, 16, C, H, W)
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+            mine = [item for part in gathered for item in part]
+        if rank > 0:
+            continue
+        mine.sort(key=lambda item: item[0])
+        u8, labels = torch.cat([m[1] for m in mine]), torch.cat([m[2] for m in mine])   # (n, C, H, W), (n,)
+        final = u8.float() / 255
         suffix = f"_{steps}step" if len(steps_list) > 1 else ""
         root, ext = os.path.splitext(out_base)
         os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
-        nrow = max(1, args.n // len(classes)) if cfg.num_classes and len(classes) <= 32 else int(args.n ** 0.5)
-        save_image(final, f"{root}{suffix}{ext}", nrow=nrow)
+        by_class = cfg.num_classes and len(classes) <= 32 and args.n <= 512
+        save_image(final[:512], f"{root}{suffix}{ext}", nrow=max(1, args.n // len(classes)) if by_class else 16)
         print(f"wrote {root}{suffix}{ext} ({args.n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
         if args.per_step:                                                   # rows = samples, columns = steps
-            k = min(args.n, 16)
-            save_image(imgs[:, :k].transpose(0, 1).reshape(-1, *imgs.shape[2:]) * 0.5 + 0.5,
-                       f"{root}{suffix}_per_step{ext}", nrow=steps)
-            print(f"wrote {root}{suffix}_per_step{ext} (rows: {k} samples, columns: steps 1..{steps})")
-        u8 = (final * 255).round().clamp(0, 255).to(torch.uint8)            # (n, C, H, W)
+            save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
+            print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
         if args.out_dir:
             d = args.out_dir + suffix
             os.makedirs(d, exist_ok=True)
@@ -251,6 +267,8 @@ def main(argv=None):
             except DataError as err:
                 die(str(err))
             print(f"steps {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -163,3 +163,15 @@ def test_fid_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys):
                      "--out", os.path.join(os.path.dirname(ckpt), "f.png")])
     assert exc.value.code == 2
     assert "--inception_weights PATH" in capsys.readouterr().err
+
+
+def test_torchrun_sharded_sampling_equals_one_process(ckpt, tmp_path):
+    one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
+    args = ["--ckpt", ckpt, "--num_samples", "12", "--batch_size", "4", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    assert run(*args, "--npz", one).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+                        "sample.py", *args, "--npz", two, "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = np.load(one), np.load(two)
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
