@@ -52,6 +52,7 @@ def bench(args, compile_model):
     dev = args.device
     cfg = make_config(args.model, args.dataset)
     model = SphereEncoder(cfg).to(dev)
+    model.set_grad_checkpointing(args.grad_ckpt)
     net = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
     perceptual = load_lpips(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
@@ -119,6 +120,7 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory, ~1.3x compute)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     dev = args.device
@@ -132,7 +134,8 @@ def main():
     for mode in (["eager", "compile"] if args.compile else ["eager"]):
         r = bench(args, mode == "compile")
         tflops = r["flops_est"] * r["img_s"]
-        print(f"\n[{mode}] {args.model} / {args.dataset}: {r['params'] / 1e6:.1f}M params, batch {args.batch_size}")
+        print(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}] {args.model} / {args.dataset}: "
+              f"{r['params'] / 1e6:.1f}M params, batch {args.batch_size}")
         mem = f"{r['mem']:.2f} GiB" if dev.startswith("cuda") else "n/a on CPU"
         print(f"  train: {r['img_s']:.1f} img/s, step {r['t_step'] * 1e3:.1f} ms, peak memory {mem}")
         print(f"  FLOPs/img (train step): estimate {r['flops_est'] / 1e9:.2f} G, counted {r['flops_counted'] / 1e9:.2f} G "

@@ -216,7 +216,8 @@ def main(argv=None):
     warmup = int(args.warmup_epochs * steps_per_epoch)
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-                        pin_memory=device.startswith("cuda"), generator=torch.Generator().manual_seed(args.seed))
+                        pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))
 
     # --- model, optimizer (encoder at 0.1x lr, its own param group [released])
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
