@@ -53,7 +53,9 @@ def bench(args, compile_model):
     cfg = make_config(args.model, args.dataset)
     model = SphereEncoder(cfg).to(dev)
     model.set_grad_checkpointing(args.grad_ckpt)
-    net = torch.compile(model) if compile_model else model
+    if compile_model:                                               # in place: encode/decode are not forward()
+        model.encoder.compile(), model.decoder.compile()
+    net = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
     perceptual = load_lpips(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.startswith("cuda") else nullcontext()

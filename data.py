@@ -111,9 +111,11 @@ def toy_classifier(path, steps=300, device="cpu"):
 
 
 def image_transform(image_size):
-    """Resize the shorter side, centre crop (Sec. 3), to a tensor in [-1, 1]."""
+    """Resize the shorter side (nearest up to 64px, bicubic above [released]), centre crop (Sec. 3),
+    to a tensor in [-1, 1]."""
     from torchvision import transforms as T
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC
+    return T.Compose([T.Resize(image_size, interpolation=mode, antialias=True),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
 
 

@@ -1,12 +1,15 @@
 """Image editing with a trained Sphere Encoder: reconstruction, interpolation, crossover and
 conditional manipulation. Each command writes one PNG grid.
 
-Sphere Encoder (arXiv 2602.15030): Eq. 2 (reconstruction, null class, r = 0), Sec. 4 (latent
-interpolation), Sec. 5 (crossover: stitch two images, up to 10 rounds, r = 0.25, gamma = 1, no
-CFG; conditional manipulation: encode, then encode/decode under a target class, r = 1, gamma = 0).
+Sphere Encoder (arXiv 2602.15030): Eq. 2 (reconstruction, null class, r = 0), Sec. 4 / Fig. 6
+(interpolation: a bilinear grid between 4 random noise corners, 4 steps, no CFG), Sec. 5
+(crossover: stitch two images, up to 10 rounds, r = 0.25, gamma = 1, no CFG; conditional
+manipulation: encode, then encode/decode under a target class, r = 1, gamma = 0). Beyond the
+paper: lerp / slerp between the latents of two real images.
 Images are picked by index from the checkpoint's training set (or --dataset / --data_dir).
 
     python edit.py recon      --ckpt out/toy/last.pt --images 0,1,2,3
+    python edit.py grid       --ckpt out/toy/last.pt --target 3     # Fig. 6: noise-corner interpolation
     python edit.py interp     --ckpt out/toy/last.pt --images 0,1
     python edit.py crossover  --ckpt out/toy/last.pt --images 0,5
     python edit.py manipulate --ckpt out/toy/last.pt --images 0,1,2 --target 7
@@ -16,8 +19,8 @@ import os
 
 import torch
 
-from sample import refine
-from spherify import sigma_max, spherify
+from sample import generate, refine
+from spherify import sampling_r, sigma_max, spherify
 
 
 @torch.no_grad()
@@ -49,9 +52,23 @@ def interpolate(model, xa, xb, n=8, y=None):
     return torch.cat([model.decode(v, None if y is None else y.expand(n)) for v in rows]).float()
 
 
+@torch.no_grad()
+def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):
+    """Sec. 4 / Fig. 6 (left): 4 random noise corners, bilinear interpolation between them on an
+    n x n grid, each point decoded with Algorithm 1 (4 steps, no CFG). Returns (n * n, C, H, W)."""
+    cfg = model.cfg
+    c = torch.randn(4, cfg.grid, cfg.grid, cfg.latent_dim, generator=generator, device=device)
+    t = torch.linspace(0, 1, n, device=device)
+    u, w = t.view(n, 1, 1, 1, 1), t.view(1, n, 1, 1, 1)                     # rows, columns
+    e = (1 - u) * (1 - w) * c[0] + (1 - u) * w * c[1] + u * (1 - w) * c[2] + u * w * c[3]
+    labels = None if y is None else torch.full((n * n,), y, device=device)
+    return generate(model, e.flatten(0, 1), labels, steps, sigma_max(alpha), generator=generator)[-1]
+
+
 def rounds(r, gamma, n):
-    """Eq. 13 applied to n editing rounds: r_k = r (1 - k / n)^gamma, k = 0..n-1."""
-    return [r * (1 - k / n) ** gamma for k in range(n)]
+    """Eq. 13 over n editing rounds (the rounds are steps 2..n+1 of Algorithm 1): r_k = r (1 - k/n)^gamma,
+    k = 1..n; with gamma = 1 the last round adds no noise."""
+    return [r * sampling_r(t, n + 1, gamma) for t in range(2, n + 2)]
 
 
 @torch.no_grad()
@@ -79,12 +96,12 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
-    p.add_argument("command", choices=["recon", "interp", "crossover", "manipulate"])
+    p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
     p.add_argument("--ckpt", default="out/toy/last.pt")
     p.add_argument("--images", default="0,1,2,3", help="dataset indices, comma-separated")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--target", type=int, default=0, help="manipulate: the target class")
+    p.add_argument("--target", type=int, default=None, help="manipulate: the target class (required); grid: the class")
     p.add_argument("--steps", type=int, default=None, help="rounds (crossover 10, manipulate 4)")
     p.add_argument("--r", type=float, default=None, help="noise strength (crossover 0.25, manipulate 1)")
     p.add_argument("--gamma", type=float, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
@@ -106,13 +123,17 @@ def main(argv=None):
     need = {"interp": 2, "crossover": 2}.get(args.command, 1)
     if len(idx) < need:
         die(f"{args.command} needs {need} images in --images")
-    if args.command == "manipulate" and not 0 <= args.target < model.cfg.num_classes:
+    if args.command == "manipulate" and args.target is None:
+        die("manipulate needs --target CLASS")
+    if args.target is not None and not 0 <= args.target < model.cfg.num_classes:
         die(f"--target must be a class in 0..{model.cfg.num_classes - 1} (the model has {model.cfg.num_classes})")
     x = torch.stack([ds[i][0] for i in idx]).to(args.device)
     g = torch.Generator(args.device).manual_seed(args.seed)
     alpha = targs["alpha"]
     if args.command == "recon":                                              # rows: originals, reconstructions
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
+    elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
+        grid, nrow = corner_grid(model, alpha, y=args.target, generator=g, device=args.device), 8
     elif args.command == "interp":                                           # rows: lerp, slerp
         grid, nrow = interpolate(model, x[:1], x[1:2]), 8
     elif args.command == "crossover":                                        # stitched, then each round

@@ -296,7 +296,7 @@ class SphereEncoder(nn.Module):
         """Init per REFERENCE.md Sec. 2 [released]: at init the encoder outputs 0, every block is
         the identity, and the decoder output is a near-constant image."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -351,8 +351,8 @@ class SphereEncoder(nn.Module):
         y = self.labels(y, x.shape[0], x.device)
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
-        y2 = None if y is None else y.repeat(2)
-        x_both = self.decode(torch.cat([v_NOISY, v_noisy]), self.drop_labels(y2, p_drop))
+        y2 = None if y is None else self.drop_labels(y, p_drop).repeat(2)  # one mask: both halves see the same class
+        x_both = self.decode(torch.cat([v_NOISY, v_noisy]), y2)
         x_NOISY, x_noisy = x_both.chunk(2)                                  # (B, C, H, W) each
         z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
         return z, x_NOISY, x_noisy, z_re

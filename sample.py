@@ -203,7 +203,9 @@ def main(argv=None):
         die("--toy_metrics is for models trained on the toy data")
     args.n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     alpha = args.alpha if args.alpha is not None else train_args["alpha"]
-    net = torch.compile(model) if args.compile else model                   # same weights, compiled calls
+    if args.compile:                                                        # encode/decode are not forward():
+        model.encoder.compile(), model.decoder.compile()                    # compile the networks in place
+    net = model
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     out_base = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
     # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
@@ -230,43 +232,49 @@ def main(argv=None):
             if i == 0:                                                      # each step's image, first 16 samples
                 first = torch.stack([x[:16].float().cpu() for x in xs])   # (steps, 16, C, H, W)
         if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, mine)
-            mine = [item for part in gathered for item in part]
-        if rank > 0:
-            continue
-        mine.sort(key=lambda item: item[0])
-        u8, labels = torch.cat([m[1] for m in mine]), torch.cat([m[2] for m in mine])   # (n, C, H, W), (n,)
-        final = u8.float() / 255
-        suffix = f"_{steps}step" if len(steps_list) > 1 else ""
-        root, ext = os.path.splitext(out_base)
-        os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
-        by_class = cfg.num_classes and len(classes) <= 32 and args.n <= 512
-        save_image(final[:512], f"{root}{suffix}{ext}", nrow=max(1, args.n // len(classes)) if by_class else 16)
-        print(f"wrote {root}{suffix}{ext} ({args.n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
-        if args.per_step:                                                   # rows = samples, columns = steps
-            save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
-            print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
-        if args.out_dir:
-            d = args.out_dir + suffix
-            os.makedirs(d, exist_ok=True)
-            for j, x in enumerate(u8):
-                save_image(x.float() / 255, os.path.join(d, f"{j:06d}.png"))
-        if args.npz:
-            path = args.npz.replace(".npz", f"{suffix}.npz")
-            np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-            print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
-        if args.toy_metrics:
-            from data import toy_classifier
-            clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
-            m = toy_scores(final * 2 - 1, labels, clf)
-            print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}")
-        if args.fid or args.is_:
-            try:
-                metrics = fidelity(u8, args, train_args)
-            except DataError as err:
-                die(str(err))
-            print(f"steps {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(mine, gathered, dst=0)
+            mine = [item for part in gathered for item in part] if rank == 0 else mine
+        error = None
+        if rank == 0:                                                       # rank 0 writes; the others wait below
+            mine.sort(key=lambda item: item[0])
+            u8, labels = torch.cat([m[1] for m in mine]), torch.cat([m[2] for m in mine])   # (n, C, H, W), (n,)
+            final = u8.float() / 255
+            suffix = f"_{steps}step" if len(steps_list) > 1 else ""
+            root, ext = os.path.splitext(out_base)
+            os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
+            by_class = cfg.num_classes and len(classes) <= 32 and args.n <= 512
+            save_image(final[:512], f"{root}{suffix}{ext}", nrow=max(1, args.n // len(classes)) if by_class else 16)
+            print(f"wrote {root}{suffix}{ext} ({args.n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
+            if args.per_step:                                                   # rows = samples, columns = steps
+                save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
+                print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
+            if args.out_dir:
+                d = args.out_dir + suffix
+                os.makedirs(d, exist_ok=True)
+                for j, x in enumerate(u8):
+                    save_image(x.float() / 255, os.path.join(d, f"{j:06d}.png"))
+            if args.npz:
+                path = args.npz.replace(".npz", f"{suffix}.npz")
+                np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+                print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
+            if args.toy_metrics:
+                from data import toy_classifier
+                clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
+                m = toy_scores(final * 2 - 1, labels, clf)
+                print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}")
+            if args.fid or args.is_:
+                try:
+                    metrics = fidelity(u8, args, train_args)
+                    print(f"steps {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                except DataError as err:
+                    error = str(err)
+        if world > 1:                                                       # every rank stops on rank 0's error
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            die(error)
     if world > 1:
         dist.destroy_process_group()
 

@@ -199,6 +199,11 @@ def main(argv=None):
         die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
+    if args.wandb:                                                          # fail on every rank, not just rank 0
+        try:
+            import wandb
+        except ImportError:
+            die("--wandb needs the wandb package: pip install wandb")
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
     if micro == 0 or rem:
         die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
@@ -249,6 +254,8 @@ def main(argv=None):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)         # FQN-keyed: same for DDP and FSDP
     if ckpt:
         set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        for group, mult in zip(opt.param_groups, (args.enc_lr_mult, 1.0)):   # this run's flags, not the saved ones
+            group["lr_mult"], group["weight_decay"] = mult, args.weight_decay
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         step = ckpt["step"]
@@ -278,10 +285,6 @@ def main(argv=None):
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
     if args.wandb and master:
-        try:
-            import wandb
-        except ImportError:
-            die("--wandb needs the wandb package: pip install wandb")
         wandb.init(project="sphere-encoder", config=vars(args))
 
     def save(step):

@@ -58,7 +58,18 @@ def test_crossover_stitches_halves_and_refines(model):
     xa, xb = -torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)
     xs = edit.crossover(model, xa, xb, alpha=80, steps=3)
     assert len(xs) == 4 and torch.equal(xs[0][..., :16], xa[..., :16]) and torch.equal(xs[0][..., 16:], xb[..., 16:])
-    assert edit.rounds(0.25, 1.0, 10)[0] == 0.25 and edit.rounds(0.25, 1.0, 10)[-1] == pytest.approx(0.025)
+    assert edit.rounds(0.25, 1.0, 10) == pytest.approx([0.25 * (1 - k / 10) for k in range(1, 11)])  # Eq. 13
+    assert edit.rounds(1.0, 0.0, 4) == [1.0] * 4
+
+
+def test_corner_grid_interpolates_noise(model):
+    g = torch.Generator().manual_seed(0)
+    out = edit.corner_grid(model, alpha=80, n=3, y=2, steps=1, generator=g)
+    c = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))   # the same corners
+    torch.testing.assert_close(out[0], model.decode(spherify(c[:1]), torch.tensor([2]))[0])   # top-left = corner 0
+    torch.testing.assert_close(out[8], model.decode(spherify(c[3:]), torch.tensor([2]))[0])   # bottom-right = corner 3
+    mid = spherify(((c[0] + c[1] + c[2] + c[3]) / 4)[None])
+    torch.testing.assert_close(out[4], model.decode(mid, torch.tensor([2]))[0], rtol=1e-4, atol=1e-5)
 
 
 def test_plots_write_valid_pngs(model, tmp_path):
