@@ -9,12 +9,18 @@ machine, against a large matmul measured in the same run, so the CPU figure is a
 
     python bench.py                                   # tiny preset on the CPU
     python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU
+    torchrun --nproc_per_node=8 bench.py --model XL --dataset imagenet --batch_size 16 --fsdp --grad_ckpt
+
+Under torchrun (DDP, or FSDP with --fsdp) it measures the training step only: img/s over all GPUs
+and peak memory per GPU; --batch_size is per GPU there.
 """
 import argparse
+import os
 import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,14 +54,20 @@ def matmul_peak(device, iters):
     return 2 * n ** 3 / timed(lambda: a @ b, device, iters)
 
 
-def bench(args, compile_model):
+def bench(args, compile_model, world=1):
+    from train import shard
     dev = args.device
     cfg = make_config(args.model, args.dataset)
+    torch.manual_seed(0)
     model = SphereEncoder(cfg).to(dev)
     model.set_grad_checkpointing(args.grad_ckpt)
+    if args.fsdp:
+        shard(model, dev, world)
     if compile_model:                                               # in place: encode/decode are not forward()
         model.encoder.compile(), model.decoder.compile()
     net = model
+    if world > 1 and not args.fsdp:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev.startswith("cuda") else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
     perceptual = load_lpips(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.startswith("cuda") else nullcontext()
@@ -77,6 +89,9 @@ def bench(args, compile_model):
         torch.cuda.reset_peak_memory_stats()
     t_step = timed(step, dev, args.iters)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.startswith("cuda") else float("nan")
+    if world > 1:                                               # distributed: the step is what we measure
+        return dict(t_step=t_step, img_s=world * B / t_step, mem=mem, flops_est=3 * (2 * sum(model.flops_per_image().values())),
+                    params=model.num_params())                     # DTensor numel is the global size
 
     # where the time goes: each part alone, forward + backward as in a step
     def fwd_bwd(fn):
@@ -123,31 +138,45 @@ def main():
     p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory, ~1.3x compute)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.fsdp and world == 1:
+        p.error("--fsdp needs a torchrun launch with 2 or more processes")
+    if args.device.startswith("cuda") and world > 1:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     dev = args.device
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     known = next((v for k, v in PEAK_BF16.items() if k in name), None)
     measured = matmul_peak(dev, args.iters)
-    print(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    print0(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
           + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))
     for mode in (["eager", "compile"] if args.compile else ["eager"]):
-        r = bench(args, mode == "compile")
-        tflops = r["flops_est"] * r["img_s"]
-        print(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}] {args.model} / {args.dataset}: "
-              f"{r['params'] / 1e6:.1f}M params, batch {args.batch_size}")
-        mem = f"{r['mem']:.2f} GiB" if dev.startswith("cuda") else "n/a on CPU"
-        print(f"  train: {r['img_s']:.1f} img/s, step {r['t_step'] * 1e3:.1f} ms, peak memory {mem}")
+        r = bench(args, mode == "compile", world)
+        tflops = r["flops_est"] * r["img_s"]                           # over all processes
+        par = f", {'FSDP' if args.fsdp else 'DDP'} x {world}" if world > 1 else ""
+        print0(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}{par}] {args.model} / {args.dataset}: "
+               f"{r['params'] / 1e6:.1f}M params, batch {args.batch_size} per process")
+        mem = f"{r['mem']:.2f} GiB per GPU" if dev.startswith("cuda") else "n/a on CPU"
+        print0(f"  train: {r['img_s']:.1f} img/s, step {r['t_step'] * 1e3:.1f} ms, peak memory {mem}")
+        print0(f"  achieved {tflops / 1e12:.3f} TFLOP/s | MFU vs measured matmul {tflops / (world * measured):.1%}"
+               + (f" | MFU vs bf16 peak {tflops / (world * known):.1%}" if known else ""))
+        if world > 1:
+            continue
         print(f"  FLOPs/img (train step): estimate {r['flops_est'] / 1e9:.2f} G, counted {r['flops_counted'] / 1e9:.2f} G "
               f"(ratio {r['flops_est'] / max(r['flops_counted'], 1):.3f})")
-        print(f"  achieved {tflops / 1e12:.3f} TFLOP/s | MFU vs measured matmul {tflops / measured:.1%}"
-              + (f" | MFU vs bf16 peak {tflops / known:.1%}" if known else ""))
         total = sum(r["split"].values())
         print("  time split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in r["split"].items()))
         print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in r["sampling"].items()))
-
+    if world > 1:
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

@@ -179,6 +179,19 @@ def save_grids(model, x, args, step, device):
     model.train(was_training)
 
 
+def shard(model, device, world):
+    """FSDP2: one unit per transformer block and per Mixer, then the rest; bf16 compute with fp32
+    gradient reduction on GPU. Parameters, gradients and AdamW state are split over the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
+    for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args(argv)
@@ -235,15 +248,8 @@ def main(argv=None):
     model.set_grad_checkpointing(args.grad_ckpt)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    if args.fsdp:   # one FSDP unit per transformer block and per Mixer, then the rest; bf16 compute, fp32 reduce
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.split(":")[0], (world,))
-        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
-        for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
-            fully_shard(unit, mesh=mesh, mp_policy=mp)
-        # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if args.fsdp:
+        shard(model, device, world)
     lr = args.lr if args.lr is not None else args.base_lr * args.batch_size / 256
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}],
