@@ -351,7 +351,7 @@ class SphereEncoder(nn.Module):
         y = self.labels(y, x.shape[0], x.device)
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
-        y2 = None if y is None else self.drop_labels(y, p_drop).repeat(2)  # one mask: both halves see the same class
+        y2 = None if y is None else self.drop_labels(y.repeat(2), p_drop)  # one draw per call, over 2B [released]
         x_both = self.decode(torch.cat([v_NOISY, v_noisy]), y2)
         x_NOISY, x_noisy = x_both.chunk(2)                                  # (B, C, H, W) each
         z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
