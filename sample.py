@@ -144,7 +144,7 @@ def main(argv=None):
     import torch.distributed as dist
 
     from spherify import sigma_max
-    from train import DataError, die
+    from train import die
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die

@@ -293,7 +293,11 @@ def main(argv=None):
     if args.wandb and master:
         wandb.init(project="sphere-encoder", config=vars(args))
 
+    saved_step = step if ckpt else None                                     # for the non-finite-loss message
+
     def save(step):
+        nonlocal saved_step
+        saved_step = step
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}
         rngs = [None] * world
         dist.all_gather_object(rngs, rng) if world > 1 else rngs.__setitem__(0, rng)
@@ -356,10 +360,8 @@ def main(argv=None):
             if world > 1:
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
             if bad_step.item() >= 0:
-                good = load_checkpoint(os.path.join(args.out_dir, "last.pt"))["step"] \
-                    if os.path.isfile(os.path.join(args.out_dir, "last.pt")) else None
                 die(f"non-finite loss at step {bad_step.item()}; stopped. The last good checkpoint "
-                    f"({'step ' + str(good) if good is not None else 'none yet'}) is untouched in {args.out_dir}", code=1)
+                    f"({'step ' + str(saved_step) if saved_step else 'none yet'}) is untouched in {args.out_dir}", code=1)
         if step % args.log_every == 0 or last:
             logs = torch.stack([losses[k].detach().float() for k in ("total", "recon", "pix_con", "lat_con")] + [grad_norm.float()])
             if world > 1:
