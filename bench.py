@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from losses import LossWeights, load_lpips, sphere_losses
+from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, SphereEncoder, make_config
 from sample import generate
 from spherify import noise_levels
@@ -69,7 +69,7 @@ def bench(args, compile_model, world=1):
     if world > 1 and not args.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev.startswith("cuda") else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
-    perceptual = load_lpips(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
+    perceptual = load_perceptual(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.startswith("cuda") else nullcontext()
     B = args.batch_size
     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1

@@ -6,7 +6,9 @@
   Eq. 10  total = weighted sum of the three (weights per dataset, REFERENCE.md Sec. 4)
 
 Images come in [-1, 1]; the distance sees them in [0, 1], LPIPS in [-1, 1] (its own convention).
-Perceptual = LPIPS with a VGG-16 backbone (`load_lpips`); its VGG weights download on first use.
+Perceptual = LPIPS with a VGG-16 backbone (`load_perceptual`); its VGG weights download on first use.
+Optionally, as in the authors' release, mixed with the MSE of ImageNet ConvNeXt-Small logits:
+(LPIPS + 0.1 ConvNeXt) / 1.1 (`--convnext 0.1` in train.py; another download).
 Tested by `python -m pytest -q tests/test_losses.py`.
 """
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 VGG_FILE = "vgg16-397923af.pth"   # torchvision's VGG-16 ImageNet weights, which LPIPS builds on
+CONVNEXT_FILE = "convnext_small-0c510722.pth"   # torchvision's ConvNeXt-Small ImageNet weights
 
 
 @dataclass
@@ -36,7 +39,7 @@ def pixel_loss(pred, target, w_dist, w_perc, perceptual=None):
     """L_{smoothL1 + perceptual}(pred, target) of Eq. 7-8, averaged over the batch."""
     loss = w_dist * distance(pred, target).mean()
     if perceptual is not None and w_perc > 0:
-        loss = loss + w_perc * perceptual(pred, target).mean()    # LPIPS takes [-1, 1] inputs
+        loss = loss + w_perc * perceptual(pred, target).mean()    # Perceptual takes [-1, 1] inputs
     return loss
 
 
@@ -54,21 +57,54 @@ def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None)
     return {"total": recon + pix_con + lat_con, "recon": recon, "pix_con": pix_con, "lat_con": lat_con}  # Eq. 10
 
 
-def load_lpips(pretrained=True):
-    """LPIPS-VGG as a frozen module. pretrained=False gives a randomly initialised VGG backbone
-    (no download: for tests only, it is no perceptual metric). Offline without the VGG file,
-    raise an error that says where to put it."""
+class Perceptual(torch.nn.Module):
+    """Per-sample perceptual distance (B,) of images in [-1, 1]: LPIPS-VGG, or with w_convnext > 0
+    the release's mix (LPIPS + w ConvNeXt) / (1 + w), where ConvNeXt is the MSE between the
+    ImageNet ConvNeXt-Small logits of both images, resized to 224 (REFERENCE.md Sec. 4)."""
+
+    def __init__(self, lpips, convnext=None, w_convnext=0.0):
+        super().__init__()
+        self.lpips, self.convnext, self.w = lpips, convnext, w_convnext
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def logits(self, x):                                                   # [-1, 1] -> (B, 1000)
+        x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", antialias=True)
+        return self.convnext((x - self.mean) / self.std)
+
+    def forward(self, pred, target):
+        loss = self.lpips(pred, target).flatten(1).mean(1)                 # (B,), LPIPS takes [-1, 1]
+        if self.convnext is None:
+            return loss
+        cnx = F.mse_loss(self.logits(pred), self.logits(target), reduction="none").mean(1)
+        return (loss + self.w * cnx) / (1 + self.w)
+
+
+def _offline_error(what, file, err, flag):
+    where = f"{torch.hub.get_dir()}/checkpoints/{file}"
+    return RuntimeError(f"the perceptual loss needs {what} and could not load them ({str(err).splitlines()[0]}). "
+                        f"Put https://download.pytorch.org/models/{file} at {where}, or train without it: {flag}")
+
+
+def load_perceptual(w_convnext=0.0, pretrained=True):
+    """The frozen perceptual loss. pretrained=False gives randomly initialised backbones (no
+    download: for tests and benchmarks only, it is no perceptual metric). Offline without the
+    weight files, raise an error that says which file to put where."""
     import warnings
 
     import lpips
+    import torchvision
     try:
         with warnings.catch_warnings():                                   # lpips uses torchvision's old API
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
     except Exception as err:      # urllib/URLError, RuntimeError (bad file), ...: all the same to a user
-        where = f"{torch.hub.get_dir()}/checkpoints/{VGG_FILE}"
-        raise RuntimeError(
-            f"the perceptual loss (LPIPS) needs torchvision's VGG-16 weights and could not load them ({err}). "
-            f"Put https://download.pytorch.org/models/{VGG_FILE} at {where}, "
-            f"or train without the perceptual term: --perceptual_weight 0") from None
-    return net.eval().requires_grad_(False)
+        raise _offline_error("torchvision's VGG-16 weights (LPIPS)", VGG_FILE, err, "--perceptual_weight 0") from None
+    convnext = None
+    if w_convnext > 0:
+        try:
+            weights = torchvision.models.ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained else None
+            convnext = torchvision.models.convnext_small(weights=weights)
+        except Exception as err:
+            raise _offline_error("torchvision's ConvNeXt-Small weights", CONVNEXT_FILE, err, "--convnext 0") from None
+    return Perceptual(net, convnext, w_convnext).eval().requires_grad_(False)

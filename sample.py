@@ -20,8 +20,9 @@ def guidance_scales(cfg, position):
 
 
 def _guided(fn, inp, y, w, null):
-    """fn(inp, y) with CFG: uncond + w (cond - uncond), one batched call. w == 1: plain fn."""
-    if y is None or w == 1.0:
+    """fn(inp, y) with CFG: uncond + w (cond - uncond), one batched call. Guidance only for
+    w > 1 [released]: w < 1 would extrapolate away from the class, so it is plain fn too."""
+    if y is None or w <= 1.0:
         return fn(inp, y)
     cond, uncond = fn(torch.cat([inp, inp]), torch.cat([y, null])).chunk(2)
     return uncond + w * (cond - uncond)
@@ -153,7 +154,7 @@ def main(argv=None):
     p.add_argument("--num_samples", "--n", dest="n", type=int, default=None,
                    help="samples per steps setting (default: 8 per class, or 64); under torchrun write --num_samples")
     p.add_argument("--classes", default="all", help="'all' or a list like 3,5 (balanced over them)")
-    p.add_argument("--cfg", type=float, default=1.0, help="CFG scale; 1 = off")
+    p.add_argument("--cfg", type=float, default=1.0, help="CFG scale; 1 = off, guidance for > 1 (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
     p.add_argument("--gamma", type=float, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
     p.add_argument("--noise", default="shared", choices=["shared", "independent"])
@@ -180,8 +181,8 @@ def main(argv=None):
         die(f"--steps must be integers like 1,2,4, got {args.steps!r}")
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {args.steps}")
-    if args.cfg < 0:
-        die(f"--cfg must be >= 0, got {args.cfg}")
+    if args.cfg < 1:
+        die(f"--cfg must be >= 1 (1 = off; a scale below 1 steers away from the class), got {args.cfg}")
     if (args.n is not None and args.n < 1) or args.batch_size < 1:
         die("--n and --batch_size must be positive")
     try:

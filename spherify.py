@@ -54,10 +54,12 @@ def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, gener
     """Eq. 5 with the angle mixing of App. C.2: per-sample noise scales for Eq. 4 and Eq. 6.
 
     Returns (sigma, sigma_sub), each (n,):
-      sigma     = r tan(alpha), r ~ U[0, 1]                                      (Eq. 5)
-                  or, with probability p_band, sigma ~ U[tan(alpha), tan(band_deg)]  (App. C.2;
-                  [released]: uniform in sigma, not in angle)
-      sigma_sub = s r tan(alpha), s ~ U[0, 0.5]: always from the base r          (Eq. 6)
+      sigma     = r tan(alpha), r ~ U[0, 1]                                          (Eq. 5)
+                  or, for the samples with u < p_band (u ~ U[0, 1), one draw per sample), the
+                  high band: sigma = tan(alpha) (1 + u (tan(band)/tan(alpha) - 1))    (App. C.2)
+      sigma_sub = s r tan(alpha), s ~ U[0, 0.5]: always from the base r               (Eq. 6)
+    [released]: the same u picks the band and places sigma in it, so band samples only reach
+    the bottom p_band of [tan(alpha), tan(band)] (32px, 80-85 deg: sigma in [5.67, 6.25]).
     """
     draw = (lambda: stratified_uniform(n, generator, device)) if stratified else \
            (lambda: torch.rand(n, generator=generator, device=device))
@@ -65,10 +67,9 @@ def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, gener
     sigma = r * sigma_max(alpha_deg)                      # Eq. 5
     sigma_sub = s * sigma                                 # Eq. 6
     if band_deg is not None and p_band > 0:               # App. C.2: angle mixing
-        lo, hi = sigma_max(alpha_deg), sigma_max(band_deg)
-        in_band = torch.rand(n, generator=generator, device=device) < p_band
-        high = lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
-        sigma = torch.where(in_band, high, sigma)
+        u = torch.rand(n, generator=generator, device=device)
+        high = sigma_max(alpha_deg) * (1 + u * (sigma_max(band_deg) / sigma_max(alpha_deg) - 1))
+        sigma = torch.where(u < p_band, high, sigma)
     return sigma, sigma_sub
 
 

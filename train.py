@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import DataError, build_dataset
-from losses import LossWeights, load_lpips, sphere_losses
+from losses import LossWeights, load_perceptual, sphere_losses
 from model import Config, SphereEncoder, make_config
 from sample import generate
 from spherify import noise_levels, sigma_max, spherify
@@ -80,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="global batch over all GPUs and accumulation")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step on each GPU")
     p.add_argument("--lr", type=float, default=None, help="peak decoder lr (default: table lr x batch/256)")
-    p.add_argument("--min_lr", type=float, default=1e-6, help="end of the cosine decay")
+    p.add_argument("--min_lr", type=float, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
     p.add_argument("--enc_lr_mult", type=float, default=0.1, help="encoder lr = this x decoder lr [released]")
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
@@ -88,6 +88,9 @@ def get_args(argv=None):
     p.add_argument("--weights", type=float, nargs=5, default=None, metavar="W",
                    help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
     p.add_argument("--perceptual_weight", type=float, default=None, help="set both perceptual weights (0 = no LPIPS)")
+    p.add_argument("--convnext", type=float, default=0.0,
+                   help="mix ConvNeXt-S logit MSE into the perceptual loss, (LPIPS + w ConvNeXt)/(1 + w); "
+                        "the release uses 0.1 (needs its ImageNet weights)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
@@ -132,11 +135,19 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.start
 
 
+def lr_range(args):
+    """(peak, min) lr: both scale linearly with the global batch / 256 (Sec. 5 [released]);
+    --lr sets the peak as given."""
+    scale = args.batch_size / 256
+    return (args.lr if args.lr is not None else args.base_lr * scale), args.min_lr * scale
+
+
 def get_lr(step, peak, warmup, total, min_lr):
-    """Linear warmup, then cosine decay to min_lr (Sec. 5 [released])."""
+    """Linear warmup, then cosine decay that reaches min_lr at step total - warmup and holds it
+    to the end (REFERENCE.md Sec. 2 LR [released]: the decay spans total - 2 warmup steps)."""
     if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+        return peak * (step + 1) / (warmup + 1)
+    t = (step - warmup) / max(1, total - 2 * warmup)
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -250,7 +261,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
     if args.fsdp:
         shard(model, device, world)
-    lr = args.lr if args.lr is not None else args.base_lr * args.batch_size / 256
+    lr, min_lr = lr_range(args)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}],
                             lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
@@ -276,7 +287,7 @@ def main(argv=None):
     perceptual = None
     if args.w[1] > 0 or args.w[3] > 0:
         try:
-            perceptual = load_lpips().to(device)
+            perceptual = load_perceptual(args.convnext).to(device)
         except RuntimeError as err:
             die(str(err))
     else:
@@ -328,7 +339,7 @@ def main(argv=None):
     bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     while step < max_steps:
-        lr_now = get_lr(step, lr, warmup, max_steps, args.min_lr)
+        lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
         for group in opt.param_groups:
             group["lr"] = lr_now * group["lr_mult"]
         for i in range(args.grad_accum):

@@ -4,7 +4,7 @@ import urllib.error
 import pytest
 import torch
 
-from losses import LossWeights, cosine_loss, distance, load_lpips, pixel_loss, sphere_losses
+from losses import LossWeights, cosine_loss, distance, load_perceptual, pixel_loss, sphere_losses
 
 
 def test_distance_is_smooth_l1_on_0_1_images():
@@ -55,7 +55,7 @@ def test_stop_gradient_on_consistency_targets():
 
 
 def test_lpips_path_with_random_backbone():
-    lp = load_lpips(pretrained=False)                     # random VGG: exercises the code path offline
+    lp = load_perceptual(pretrained=False)                # random VGG: exercises the code path offline
     assert not any(p.requires_grad for p in lp.parameters())
     x, _, x_NOISY, _, _ = _outputs(n=32)                 # VGG pools 4 times: 32px is the least
     assert lp(x, x).abs().max().item() < 1e-6                                    # identical images: 0
@@ -71,4 +71,28 @@ def test_lpips_offline_error_names_the_file(monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(pn.tv, "vgg16", offline)
     with pytest.raises(RuntimeError, match=r"vgg16-397923af\.pth.*checkpoints.*--perceptual_weight 0"):
-        load_lpips(pretrained=True)
+        load_perceptual(pretrained=True)
+
+
+def test_convnext_mix_is_the_released_average():
+    """(LPIPS + w ConvNeXt-logit MSE) / (1 + w), ConvNeXt on 224px ImageNet-normalised inputs."""
+    torch.manual_seed(0)
+    p = load_perceptual(w_convnext=0.1, pretrained=False)
+    assert not any(q.requires_grad for q in p.parameters())
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    lp = p.lpips(a, b).flatten()                                                   # (2,)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    up = lambda x: torch.nn.functional.interpolate((x + 1) / 2, size=224, mode="bilinear", antialias=True)
+    cnx = ((p.convnext((up(a) - mean) / std) - p.convnext((up(b) - mean) / std)) ** 2).mean(1)
+    torch.testing.assert_close(p(a, b), (lp + 0.1 * cnx) / 1.1)
+    assert p(a, a).abs().max().item() < 1e-5
+
+
+def test_convnext_offline_error_names_the_file(monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models, "convnext_small", offline)
+    with pytest.raises(RuntimeError, match=r"convnext_small-0c510722\.pth.*checkpoints.*--convnext 0"):
+        load_perceptual(w_convnext=0.1, pretrained=False)

@@ -69,9 +69,10 @@ def test_shared_vs_independent_noise(model, monkeypatch):
 def test_cfg_one_equals_no_guidance(model, position):
     e, y = noise(model), torch.tensor([0, 1, 2, 3])
     plain = generate(model, e, y, 3, generator=torch.Generator().manual_seed(2))
-    guided = generate(model, e, y, 3, cfg=1.0, cfg_position=position, generator=torch.Generator().manual_seed(2))
-    for p, q in zip(plain, guided):
-        torch.testing.assert_close(p, q)
+    for scale in (1.0, 0.5):                                                     # guidance only for s > 1 [released]
+        guided = generate(model, e, y, 3, cfg=scale, cfg_position=position, generator=torch.Generator().manual_seed(2))
+        for p, q in zip(plain, guided):
+            torch.testing.assert_close(p, q)
     strong = generate(model, e, y, 3, cfg=2.0, cfg_position=position, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(plain[-1], strong[-1])
 
@@ -113,7 +114,7 @@ def test_cli_grid_per_step_and_npz_round_trip(ckpt, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--cfg", "0.5"], "--cfg must be >= 1"),
     (["--classes", "10"], "class ids must be in 0..9"),
 ])
 def test_cli_bad_input(ckpt, args, message):

@@ -137,3 +137,17 @@ def test_empty_image_folder_exits_2(tmp_path):
     (tmp_path / "cls_a").mkdir()
     r = run("train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32")
     assert r.returncode == 2 and "no images found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lr_schedule_as_released():
+    """Warmup (step+1)/(warmup+1), cosine reaching min_lr at total - warmup, then flat; min_lr
+    scales with batch/256 like the peak (REFERENCE.md Sec. 2 LR)."""
+    peak, lo = 1.0, 0.01
+    assert train.get_lr(0, peak, 10, 100, lo) == pytest.approx(1 / 11)
+    assert train.get_lr(9, peak, 10, 100, lo) == pytest.approx(10 / 11)
+    assert train.get_lr(10, peak, 10, 100, lo) == pytest.approx(peak)
+    assert train.get_lr(50, peak, 10, 100, lo) == pytest.approx(lo + 0.5 * (peak - lo))   # half-way: t = 40/80
+    assert train.get_lr(90, peak, 10, 100, lo) == pytest.approx(lo)
+    assert train.get_lr(99, peak, 10, 100, lo) == pytest.approx(lo)
+    args = train.get_args(["--dataset", "cifar10", "--batch_size", "512"])
+    assert train.lr_range(args) == pytest.approx((2e-4, 2e-6))
