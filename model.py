@@ -86,33 +86,34 @@ def make_config(size="tiny", dataset="toy", **overrides):
 
 # ----------------------------------------------------------------------------- positions
 def sincos_2d(grid, dim):
-    """Fixed 2D sin-cos absolute positions (Sec. 2.4): half the channels for rows, half for
-    columns. (grid*grid, dim)."""
+    """Fixed 2D sin-cos absolute positions (Sec. 2.4): [sin, cos] of the column in the first half
+    of the channels, of the row in the second ([released] order). (grid*grid, dim), row-major."""
     assert dim % 4 == 0
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))           # (dim/4,)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     out = []
-    for pos in (rows.flatten(), cols.flatten()):
-        ang = pos[:, None].float() * omega[None]                            # (N, dim/4)
+    for pos in (cols.flatten(), rows.flatten()):
+        ang = pos[:, None] * omega[None]                                    # (N, dim/4)
         out += [ang.sin(), ang.cos()]
-    return torch.cat(out, dim=1)                                            # (N, dim)
+    return torch.cat(out, dim=1).float()                                    # (N, dim)
 
 
 def rope_2d(grid, head_dim, theta=10000.0):
-    """2D RoPE tables (Sec. 2.4; [released]: half of each head for rows, half for columns).
-    Returns cos, sin of shape (N, head_dim) for the rotate-half convention."""
+    """2D RoPE tables (Sec. 2.4; [released]: the first half of each head turns with the row, the
+    second half with the column). Channel pairs are adjacent, (2i, 2i+1), as in the release.
+    Returns cos, sin of shape (N, head_dim), each angle repeated for both channels of its pair."""
     assert head_dim % 4 == 0
     freqs = 1.0 / theta ** (torch.arange(head_dim // 4) / (head_dim // 4))  # (hd/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ang = torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], 1)  # (N, hd/2)
-    ang = torch.cat([ang, ang], dim=1)                                      # (N, hd)
+    ang = ang.repeat_interleave(2, dim=1)                                   # (N, hd): pair (2i, 2i+1)
     return ang.cos(), ang.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + hd/2) of x (B, heads, N, hd) by their position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate each channel pair (2i, 2i+1) of x (B, heads, N, hd) by its position's angle."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                            # (B, heads, N, hd/2) each
+    return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
 
 
 # ----------------------------------------------------------------------------- layers
@@ -153,9 +154,9 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio, cond):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6)                             # learned affine [released]
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6)
         self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if cond else None
 
@@ -170,16 +171,15 @@ class Block(nn.Module):
 
 class FinalNorm(nn.Module):
     """RMSNorm, then x (1 + scale) + shift from the class embedding (zero-init): 'AdaLN-modulated
-    RMSNorm'. Without classes it is a plain RMSNorm."""
+    RMSNorm'. Without classes it is nothing at all: the last Linear sees the ViT's output [released]."""
 
     def __init__(self, dim, cond):
         super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm = nn.RMSNorm(dim, eps=1e-6) if cond else None
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if cond else None
 
     def forward(self, x, c):
-        x = self.norm(x)
-        return x if self.ada is None else modulate(x, *self.ada(c).chunk(2, dim=-1))
+        return x if self.ada is None else modulate(self.norm(x), *self.ada(c).chunk(2, dim=-1))
 
 
 class MixerBlock(nn.Module):
@@ -187,9 +187,9 @@ class MixerBlock(nn.Module):
 
     def __init__(self, tokens, dim):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6)
         self.token_mix = nn.Sequential(nn.Linear(tokens, tokens), nn.SiLU(), nn.Linear(tokens, tokens))
-        self.norm2 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6)
         self.channel_mix = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
         self.a = nn.Parameter(torch.zeros(2))
 
@@ -205,7 +205,7 @@ class Mixer(nn.Module):
     def __init__(self, tokens, dim, depth):
         super().__init__()
         self.blocks = nn.ModuleList([MixerBlock(tokens, dim) for _ in range(depth)])
-        self.norm = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=True)
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
 
     def forward(self, x):
         for blk in self.blocks:
@@ -276,8 +276,8 @@ class Decoder(nn.Module):
         cfg, B = self.cfg, v.shape[0]
         x = self.out(self.vit(self.mixer(self.inp(v)), y))                  # (B, N, out)
         g, P = cfg.grid, cfg.patch_size
-        if cfg.pixel_head == "linear":                                      # un-patchify
-            x = x.view(B, g, g, P, P, cfg.channels).permute(0, 5, 1, 3, 2, 4)
+        if cfg.pixel_head == "linear":                                      # un-patchify, token = (c, p1, p2)
+            x = x.view(B, g, g, cfg.channels, P, P).permute(0, 3, 1, 4, 2, 5)
             x = x.reshape(B, cfg.channels, g * P, g * P)
         else:
             x = x.transpose(1, 2).reshape(B, -1, g, g)                      # (B, 32, h, w)
@@ -294,10 +294,12 @@ class SphereEncoder(nn.Module):
 
     def initialize(self):
         """Init per REFERENCE.md Sec. 2 [released]: at init the encoder outputs 0, every block is
-        the identity, and the decoder output is a near-constant image."""
+        the identity, and the decoder output is a near-constant image. Conv weights get Xavier on
+        their 2-D view (out, in*k*k), whose fans differ from torch's 4-D ones."""
+        xavier_2d = lambda w, gain=1.0: nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=gain)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.xavier_uniform_(m.weight)
+                xavier_2d(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         for vit in (self.encoder.vit, self.decoder.vit):
@@ -306,12 +308,14 @@ class SphereEncoder(nn.Module):
             for m in [b.ada for b in vit.blocks] + [vit.norm.ada]:
                 if m is not None:                                           # AdaLN-Zero
                     nn.init.zeros_(m[1].weight), nn.init.zeros_(m[1].bias)
-        nn.init.normal_(self.decoder.inp.weight, std=1.0)
+        for m in [self.decoder.inp, *self.decoder.mixer.modules()]:        # the decoder's input stage: N(0, 1)
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=1.0)
         for last in (self.encoder.out, self.decoder.out):                  # DiT-style zero output
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
         for m in self.decoder.conv.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.xavier_uniform_(m.weight, gain=0.01)
+                xavier_2d(m.weight, gain=0.01)
 
     # --- labels: row num_classes of each class table is the null class (CFG, reconstruction)
     def null_labels(self, batch, device=None):

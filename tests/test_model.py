@@ -148,3 +148,72 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_cfg):
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_init_statistics_as_released():
+    """REFERENCE.md Sec. 2 Init: Xavier on conv weights viewed 2-D (out, in*k*k); the decoder's
+    whole input stage (Linear(d, width) and every Linear of its Mixer) N(0, 1); the encoder's
+    Mixer Xavier; pixel-head convs Xavier with gain 0.01."""
+    torch.manual_seed(0)
+    cfg = make_config("tiny", "imagenet", image_size=64, patch_size=8, latent_dim=32, num_classes=10)
+    m = SphereEncoder(cfg)
+    xavier = lambda w, gain=1.0: gain * (6 / (w.shape[0] + w[0].numel())) ** 0.5   # uniform bound, 2-D fans
+    P, w = cfg.patch_size, cfg.enc_width
+    patch = m.encoder.patch.weight                                              # (w, 3, P, P)
+    assert xavier(patch) == pytest.approx((6 / (w + 3 * P * P)) ** 0.5)        # hand value: fan_out = w, not w P^2
+    for weight, gain in ((patch, 1.0), (m.encoder.proj.weight, 1.0), (m.decoder.conv.weight, 0.01)):
+        b = xavier(weight, gain)
+        assert weight.abs().max().item() <= b and weight.abs().max().item() > 0.9 * b
+        assert weight.std().item() == pytest.approx(b / 3 ** 0.5, rel=0.15)    # U(-b, b)
+    dec_mix = [l for l in m.decoder.mixer.modules() if isinstance(l, torch.nn.Linear)]
+    assert len(dec_mix) == 4 * cfg.mixer_depth
+    for lin in [m.decoder.inp, *dec_mix]:
+        assert lin.weight.std().item() == pytest.approx(1.0, rel=0.1)
+        assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+    for lin in [l for l in m.encoder.mixer.modules() if isinstance(l, torch.nn.Linear)]:
+        assert lin.weight.abs().max().item() <= xavier(lin.weight)
+    assert all(torch.equal(b.a, torch.zeros(2)) for b in [*m.encoder.mixer.blocks, *m.decoder.mixer.blocks])
+
+
+def test_norms_have_learned_affine_and_uncond_has_no_final_norm():
+    """REFERENCE.md Sec. 2 Norms: every RMSNorm has an elementwise affine; an unconditional model
+    has no norm before the last Linear (the ViT's output goes straight in)."""
+    for classes in (10, 0):
+        m = SphereEncoder(make_config("tiny", "toy", num_classes=classes))
+        norms = [n for n in m.modules() if isinstance(n, torch.nn.RMSNorm)]
+        assert norms and all(n.weight is not None for n in norms)
+        per_net = 2 * 3 + 2 * 2 + 1 + (1 if classes else 0)                     # blocks, Mixer blocks, Mixer, final
+        assert len(norms) == 2 * per_net
+    vit = m.decoder.vit                                                         # the unconditional one
+    h = torch.randn(2, 64, 128)
+    torch.testing.assert_close(vit.norm(h, None), h)
+
+
+def test_rope_turns_adjacent_channel_pairs():
+    """[released] convention, hand-computed: head_dim 4 on a 2x2 grid; token 1 is row 0, column 1.
+    Pair (0, 1) turns with the row (angle 0), pair (2, 3) with the column (angle 1 rad)."""
+    cos, sin = rope_2d(2, 4)
+    x = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 4, 4)
+    out = apply_rope(x, cos, sin)[0, 0, 1]
+    c1, s1 = torch.cos(torch.tensor(1.0)), torch.sin(torch.tensor(1.0))
+    torch.testing.assert_close(out, torch.stack([torch.tensor(1.0), torch.tensor(0.0), c1, s1]))
+
+
+def test_sincos_table_is_column_first_and_linear_head_is_c_p1_p2():
+    from model import sincos_2d
+    t = sincos_2d(2, 8)                                                         # omega = [1, 1e-2]
+    col, row = 1.0, 0.0                                                         # token 1: row 0, column 1
+    om = torch.tensor([1.0, 1e-2])
+    expect = torch.cat([torch.sin(col * om), torch.cos(col * om), torch.sin(row * om), torch.cos(row * om)])
+    torch.testing.assert_close(t[1], expect)
+    cfg = make_config("tiny", "toy", pixel_head="linear", num_classes=0)      # token vector = (c, p1, p2)
+    m = SphereEncoder(cfg)
+    P = cfg.patch_size
+    with torch.no_grad():
+        m.decoder.out.weight.zero_()
+        m.decoder.out.bias.copy_(torch.arange(3 * P * P) / 100)
+        m.decoder.conv.weight.zero_()
+        m.decoder.conv.weight[:, :, 1, 1] = torch.eye(3)                       # identity 3x3 conv
+    x = m.decode(torch.randn(1, cfg.latent_size))
+    c, p1, p2 = 2, 1, 3
+    assert x[0, c, P + p1, 2 * P + p2].item() == pytest.approx(torch.tanh(torch.tensor((c * P * P + p1 * P + p2) / 100)).item())

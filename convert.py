@@ -1,0 +1,166 @@
+"""Convert a checkpoint of the authors' release (a .pth of {"model", "epoch", "ema_model"?}) into
+this project's checkpoint format, so sample.py, viz.py and edit.py read it unchanged.
+
+The release names its layers differently but computes the same function as model.py: the same
+layer order (REFERENCE.md Sec. 2), and model.py adopts the release's conventions where they are
+arbitrary (sin-cos channel order, RoPE channel pairs, the pixel head's (c, p1, p2) token order),
+so conversion is renaming keys. The config is read off the shapes: widths, depths (block counts),
+heads (from the width, REFERENCE.md Sec. 2 sizes), latent shape, Mixer depth, pixel head, classes.
+
+    python convert.py sphere-l-imagenet/ep0800.pth out/sphere-l-imagenet/last.pt --ema
+    python sample.py --ckpt out/sphere-l-imagenet/last.pt --steps 1,4 --cfg 1.4   # model card settings
+"""
+import argparse
+import math
+import os
+import re
+from dataclasses import asdict
+
+import torch
+
+from data import DataError
+from model import SIZES, Config, SphereEncoder
+
+HEADS = {w: h for w, _, h in SIZES.values() if w >= 512}           # released widths -> heads
+DATASET_BY_CLASSES = {1000: "imagenet", 102: "flowers", 10: "cifar10", 0: "folder"}
+
+# release key (after "encoder." / "decoder.") -> ours, first match wins
+RULES = [
+    (r"^x_embedder\.0\.weight$", "patch.weight"),                       # encoder: patch conv
+    (r"^x_embedder\.1\.(weight|bias)$", r"proj.\1"),                    # encoder: 1x1 conv
+    (r"^y_embedder\.embedding_table\.", "vit.y_embed."),
+    (r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"vit.blocks.\1.ada.1."),
+    (r"^blocks\.(\d+)\.", r"vit.blocks.\1."),                            # norm1/2, attn.qkv/proj, mlp.w12/w3
+    (r"^ffn\.linear\.", "out."),                                        # last Linear (width -> d / pixels)
+    (r"^ffn\.norm\.", "vit.norm.norm."),
+    (r"^ffn\.adaLN_modulation\.1\.", "vit.norm.ada.1."),
+]
+MIXER = {"encoder": r"^out\.", "decoder": r"^x_embedder\.1\."}          # where each net keeps its Mixer
+MIXER_RULES = [(r"\.tok_mixer\.mix\.", ".token_mix."), (r"\.chn_mixer\.mix\.", ".channel_mix.")]
+DECODER_RULES = [(r"^x_embedder\.0\.", "inp."), (r"^out\.4\.", "conv.2.")]  # input Linear, ConvTranspose2d
+
+
+def rename(key, pixel_head):
+    """One released key -> ours; None for the fixed tables we recompute (positions, RoPE)."""
+    net, _, rest = key.partition(".")
+    if rest in ("pos_embed", "rope"):
+        return None
+    if net in MIXER and re.match(MIXER[net], rest):                    # Mixer: rename every part
+        rest = re.sub(MIXER[net], "mixer.", rest)
+        for a, b in MIXER_RULES:
+            rest = re.sub(a, b, rest)
+        return f"{net}.{rest}"
+    first_conv = [(r"^out\.2\.", "conv.0." if pixel_head == "conv" else "conv.")]   # either head's first conv
+    for a, b in (DECODER_RULES + first_conv if net == "decoder" else []) + RULES:
+        if re.match(a, rest):
+            return f"{net}." + re.sub(a, b, rest, count=1)
+    return key                                                          # unknown: convert() names it
+
+
+def infer_config(sd):
+    """A Config from the shapes of a released state dict (keys as released)."""
+    def need(key):
+        if key not in sd:
+            raise DataError(f"not a released Sphere Encoder checkpoint: no key {key!r}")
+        return sd[key]
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # blocks
+    if any("inctx" in k or "cond_proj" in k for k in sd):
+        raise DataError("in-context tokens / text conditioning are not part of this implementation; cannot convert")
+    patch = need("encoder.x_embedder.0.weight")                          # (width, 3, P, P)
+    enc_w, P = patch.shape[0], patch.shape[-1]
+    dec_w = need("decoder.blocks.0.norm1.weight").shape[0]
+    for name, w in (("encoder", enc_w), ("decoder", dec_w)):
+        if w not in HEADS:
+            raise DataError(f"{name} width {w} fits no released size (widths {sorted(HEADS)})")
+    d = need("encoder.ffn.linear.weight").shape[0]
+    N = need("encoder.out.blocks.0.tok_mixer.mix.0.weight").shape[0] if "encoder.out.blocks.0.tok_mixer.mix.0.weight" in sd \
+        else 0
+    enc_mix, dec_mix = count("encoder.out.blocks."), count("decoder.x_embedder.1.blocks.")
+    if enc_mix == 0 or enc_mix != dec_mix:
+        raise DataError(f"Mixer depths encoder {enc_mix}, decoder {dec_mix}: this implementation needs equal, >= 1")
+    grid = math.isqrt(N)
+    if grid * grid != N:
+        raise DataError(f"{N} latent tokens is no square grid")
+    head = need("decoder.ffn.linear.weight").shape[0]
+    pixel_head = "conv" if "decoder.out.4.weight" in sd else "linear"
+    if pixel_head == "linear" and head != P * P * 3:
+        raise DataError(f"decoder.ffn.linear.weight has {head} outputs, expected P*P*3 = {P * P * 3}")
+    table = sd.get("encoder.y_embedder.embedding_table.weight")
+    return Config(image_size=grid * P, patch_size=P, latent_dim=d, enc_width=enc_w,
+                  enc_depth=count("encoder.blocks."), enc_heads=HEADS[enc_w], dec_width=dec_w,
+                  dec_depth=count("decoder.blocks."), dec_heads=HEADS[dec_w], mixer_depth=enc_mix,
+                  num_classes=0 if table is None else table.shape[0] - 1, pixel_head=pixel_head)
+
+
+def convert(released):
+    """Released state dict -> (Config, our state dict). Mixer gates alpha1, alpha2 (tensors of
+    shape (1,) or Python floats) become our a = [alpha1, alpha2]."""
+    cfg = infer_config(released)
+    out, gates, source = {}, {}, {}
+    for k, v in released.items():
+        new = rename(k, cfg.pixel_head)
+        if new is None:
+            continue
+        source[new] = k
+        v = torch.as_tensor(v, dtype=torch.float32)
+        m = re.match(r"(.*mixer\.blocks\.\d+)\.alpha([12])$", new)
+        if m:
+            gates.setdefault(m.group(1), {})[m.group(2)] = v.reshape(())
+            continue
+        out[new] = v
+    for prefix, g in gates.items():
+        out[prefix + ".a"] = torch.stack([g.get("1", torch.tensor(0.0)), g.get("2", torch.tensor(0.0))])
+    model = SphereEncoder(cfg)
+    ours = model.state_dict()
+    unknown = sorted(set(out) - set(ours))
+    if unknown:
+        raise DataError(f"released key maps to nothing here: {source[unknown[0]]} ({len(unknown)} such keys)")
+    missing = sorted(set(ours) - set(out))
+    if missing:
+        raise DataError(f"the checkpoint lacks a weight for {missing[0]} ({len(missing)} missing)")
+    for k, v in out.items():
+        if v.shape != ours[k].shape:
+            raise DataError(f"{k}: shape {tuple(v.shape)} does not fit the inferred config's {tuple(ours[k].shape)}")
+    return cfg, out
+
+
+def main(argv=None):
+    from train import die
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = die
+    p.add_argument("src", help="a released checkpoint (.pth)")
+    p.add_argument("dst", help="where to write our checkpoint (e.g. out/sphere-l-imagenet/last.pt)")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (ema_model)")
+    p.add_argument("--dataset", default=None, help="its dataset, for FID (default: from the class count)")
+    p.add_argument("--data_dir", default=None, help="where that dataset lives (for FID, viz.py, edit.py)")
+    p.add_argument("--alpha", type=float, default=None, help="training noise angle (default: 80 at 32px, 85 above)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.src):
+        die(f"no file at {args.src!r}")
+    try:
+        ckpt = torch.load(args.src, map_location="cpu", weights_only=True)   # files from the internet
+    except Exception as err:
+        die(f"cannot read {args.src!r} as a torch checkpoint: {str(err).splitlines()[0]}")
+    key = "ema_model" if args.ema else "model"
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        die(f"{args.src!r} is not a released checkpoint: no {key!r} entry (found {found})")
+    try:
+        cfg, sd = convert(ckpt[key])
+    except DataError as err:
+        die(str(err))
+    alpha = args.alpha or (80.0 if cfg.image_size <= 64 else 85.0)     # REFERENCE.md Sec. 3
+    targs = dict(dataset=args.dataset or DATASET_BY_CLASSES.get(cfg.num_classes, "folder"), data_dir=args.data_dir,
+                 image_size=cfg.image_size, alpha=alpha, band=min(alpha + 5, 89), converted_from=args.src,
+                 epoch=ckpt.get("epoch"), ema=args.ema)
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    torch.save({"model": sd, "config": asdict(cfg), "args": targs, "step": 0}, args.dst + ".tmp")
+    os.replace(args.dst + ".tmp", args.dst)
+    n = sum(v.numel() for v in sd.values())
+    print(f"wrote {args.dst}: {n / 1e6:.1f}M params, {cfg.image_size}px, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim}, "
+          f"enc {cfg.enc_width}x{cfg.enc_depth}, dec {cfg.dec_width}x{cfg.dec_depth}, {cfg.pixel_head} head, "
+          f"{cfg.num_classes or 'no'} classes{' (EMA)' if args.ema else ''}")
+
+
+if __name__ == "__main__":
+    main()
