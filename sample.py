@@ -124,14 +124,29 @@ def frechet_distance(f1, f2):
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
     """Offline scores on the toy data: the Frechet distance between samples and as many training
-    images in the toy classifier's features (lower is better), and how often the classifier
-    finds the class the sample was asked for. samples: (N, C, H, W) in [-1, 1]."""
+    images in the toy classifier's features (lower is better), how often the classifier finds
+    the class the sample was asked for, and the colour spread: the per-channel pixel std of the
+    samples over that of the data, averaged over channels (1 = as varied in colour as the data).
+    samples: (N, C, H, W) in [-1, 1]."""
     from data import ToyShapes
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()
     acc = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float().mean().item()
-    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc}
+    std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
+    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc,
+            "colour_spread": (std(samples) / std(ref)).mean().item()}
+
+
+@torch.no_grad()
+def toy_colour_error(model, n=500, batch=250):
+    """Reconstruction colour error on toy images: mean absolute difference between the mean colour
+    of x and of D(f(E(x))) (null class, r = 0), per image and channel, in 0-255 units."""
+    from data import ToyShapes
+    ds = ToyShapes()
+    x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
+    rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
+    return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item()
 
 
 def main(argv=None):
@@ -216,6 +231,8 @@ def main(argv=None):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
 
     # labels balanced over the chosen classes, grouped so grid rows are classes
+    if args.toy_metrics and rank == 0:
+        print(f"reconstruction colour error {toy_colour_error(model):.1f} / 255 (mean colour per image and channel)")
     y_all = torch.tensor([classes[i * len(classes) // args.n] for i in range(args.n)]) if cfg.num_classes else None
     starts = list(range(0, args.n, args.batch_size))
     for steps in steps_list:
@@ -263,7 +280,8 @@ def main(argv=None):
                 from data import toy_classifier
                 clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
                 m = toy_scores(final * 2 - 1, labels, clf)
-                print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}")
+                print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
+                      f"colour spread {m['colour_spread']:.2f} (data: 1)")
             if args.fid or args.is_:
                 try:
                     metrics = fidelity(u8, args, train_args)

@@ -151,6 +151,24 @@ def test_toy_scores_offline_with_a_stand_in_classifier():
     assert same["toy_fd"] == pytest.approx(0.0, abs=1e-3)
     noise = sample.toy_scores(torch.rand(64, 3, 32, 32) * 2 - 1, labels, clf)
     assert noise["toy_fd"] > same["toy_fd"] + 1e-3 and 0 <= noise["class_acc"] <= 1
+    assert same["colour_spread"] == pytest.approx(1.0)
+    assert sample.toy_scores(real * 0.5, labels, clf)["colour_spread"] == pytest.approx(0.5)   # washed-out colours
+
+
+def test_toy_colour_error_is_the_mean_colour_gap():
+    from data import ToyShapes
+    x = torch.stack([ToyShapes()[i][0] for i in range(8)])
+
+    class Shift(torch.nn.Linear):                                               # D(f(E(x))) = x + 0.2 on channel 0
+        rms = x.pow(2).flatten(1).mean(1).add(1e-6).sqrt().view(-1, 1, 1, 1)   # undoes spherify for these 8
+
+        def encode(self, x, y=None):
+            return x
+
+        def decode(self, v, y=None):
+            return v * self.rms + torch.tensor([0.2, 0.0, 0.0]).view(1, 3, 1, 1)
+    m = Shift(1, 1)
+    assert sample.toy_colour_error(m, n=8) == pytest.approx(0.2 / 3 * 127.5, rel=1e-4)
 
 
 def test_fid_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys):
