@@ -1,6 +1,6 @@
 """Datasets: an embedded procedural toy set (the default: no download), CIFAR-10, ImageNet,
 Oxford Flowers-102 and any ImageFolder tree. Every dataset yields (image, label) with the image
-(3, H, W) in [-1, 1] and label an int (-1 when the model is unconditional). The random horizontal
+(3, H, W) in [-1, 1] and label an int (ignored when the model is unconditional). The random horizontal
 flip (Sec. 3) is applied to the batch in train.py, so datasets stay deterministic per index.
 Bad input never ends in a traceback: die() prints one line and exits 2; a file that cannot be read
 is skipped in training (Guarded) and listed by --check.
@@ -142,19 +142,6 @@ def image_transform(image_size):
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-class Unlabeled(torch.utils.data.Dataset):
-    """Wrap a dataset so every label is -1 (unconditional training on a labelled tree)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i][0], -1
-
-
 class Guarded(torch.utils.data.Dataset):
     """Training never dies on one bad file: item i that cannot be read or decoded is replaced by the
     next readable one, i+1, i+2, ... (the same in every run and worker process, so resume stays
@@ -176,8 +163,7 @@ class Guarded(torch.utils.data.Dataset):
         raise DataError("no image in the data set can be read")
 
     def path(self, i):
-        ds = getattr(self.ds, "ds", self.ds)                                # through Unlabeled
-        return ds.samples[i][0] if hasattr(ds, "samples") else f"item {i}"
+        return self.ds.samples[i][0] if hasattr(self.ds, "samples") else f"item {i}"
 
 
 def check(ds):
@@ -212,22 +198,18 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
     from torchvision import datasets
     if name == "toy":
         ds = ToyShapes(image_size=image_size)
-    elif name == "cifar10":
-        _check_dir(data_dir, "CIFAR-10") if not download else os.makedirs(data_dir, exist_ok=True)
-        try:
-            ds = datasets.CIFAR10(data_dir, train=True, transform=image_transform(image_size), download=download)
+    elif name in ("cifar10", "flowers"):
+        _check_dir(data_dir, name) if not download else os.makedirs(data_dir, exist_ok=True)
+        tf, where = image_transform(image_size), {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
+                                                  "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)"}
+        try:   # Flowers: all 8,189 images of train+val+test (our choice: the paper does not say)
+            ds = datasets.CIFAR10(data_dir, train=True, transform=tf, download=download) if name == "cifar10" else \
+                torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=tf, download=download)
+                                                for s in ("train", "val", "test")])
         except Exception as err:
-            raise DataError(f"CIFAR-10 not found in {data_dir!r} ({err}); put the extracted "
-                            f"'cifar-10-batches-py/' folder there, or add --download on a machine with internet") from None
-    elif name == "flowers":   # all 8,189 images of train+val+test (our choice: the paper does not say)
-        _check_dir(data_dir, "Oxford Flowers-102") if not download else os.makedirs(data_dir, exist_ok=True)
-        try:
-            ds = torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=image_transform(image_size),
-                                                                     download=download) for s in ("train", "val", "test")])
-        except Exception as err:
-            raise DataError(f"Oxford Flowers-102 not found in {data_dir!r} ({err}); put 'flowers-102/' "
-                            f"(102flowers.tgz extracted, imagelabels.mat, setid.mat) there, or add --download") from None
-        ds.classes = list(range(102))
+            raise DataError(f"{name} not found in {data_dir!r} ({err}); put {where[name]} there, "
+                            f"or add --download on a machine with internet") from None
+        ds.classes = getattr(ds, "classes", list(range(102)))
     elif name == "imagenet":
         _check_dir(data_dir, "ImageNet (with a train/ subfolder of class folders)")
         ds = _folder(os.path.join(data_dir, "train"), image_transform(image_size))
@@ -238,9 +220,7 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
         raise DataError(f"unknown dataset {name!r}")
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} in {data_dir!r} is empty")
-    if unconditional:
-        return Unlabeled(ds), 0
-    return ds, len(ds.classes)
+    return ds, 0 if unconditional else len(ds.classes)                      # 0: train.py ignores the labels
 
 
 if __name__ == "__main__":

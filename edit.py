@@ -128,6 +128,7 @@ def main(argv=None):
     x = torch.stack([ds[i][0] for i in idx]).to(args.device)
     g = torch.Generator(args.device).manual_seed(args.seed)
     alpha = targs["alpha"]
+    kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
     if args.command == "recon":                                              # rows: originals, reconstructions
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
@@ -135,11 +136,9 @@ def main(argv=None):
     elif args.command == "interp":                                           # rows: lerp, slerp
         grid, nrow = interpolate(model, x[:1], x[1:2]), 8
     elif args.command == "crossover":                                        # stitched, then each round
-        kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
         xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
         grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2
     else:                                                                    # rows: input, then each round
-        kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
         y = torch.full((len(x),), args.target, device=args.device)
         xs = manipulate(model, x, y, alpha, generator=g, **kw)
         grid, nrow = torch.stack([x] + xs, 1).flatten(0, 1), len(xs) + 1

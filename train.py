@@ -202,7 +202,7 @@ def setup_distributed(args):
     return world, rank, device
 
 
-def check_out_dir(args, params=None):
+def check_out_dir(args, params=0):
     """Fail early: --out_dir must be writable, and hold a checkpoint (fp32 weights, the two AdamW
     moments and the EMA copy: 4 bytes x params x 3 or 4); warn below 3 checkpoints' room."""
     try:
@@ -211,13 +211,12 @@ def check_out_dir(args, params=None):
             pass
     except OSError as err:
         die(f"cannot write to --out_dir {args.out_dir!r}: {err.strerror or err}")
-    if params:
-        need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
-        room = f"{free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB"
-        if free < need:
-            die(f"only {room}; free some space or choose another --out_dir")
-        if free < 3 * need:
-            print(f"warning: only {room}", flush=True)
+    need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
+    room = f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB"
+    if free < need:
+        die(f"{room}; free some space or choose another --out_dir")
+    if free < 3 * need:
+        print(f"warning: {room}", flush=True)
 
 
 def build_optimizer(model, args, device):
@@ -238,10 +237,6 @@ class Checkpointer:
         self.world, self.rank, self.device = world, rank, device
         self.path, self.saved_step = os.path.join(args.out_dir, "last.pt"), None
 
-    def rng(self):
-        cuda = self.device.startswith("cuda")
-        return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
-
     def restore(self, ckpt):
         """-> (step, unreadable images found so far) of the checkpoint."""
         set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -258,8 +253,10 @@ class Checkpointer:
         return ckpt["step"], list(ckpt.get("bad_images", []))
 
     def save(self, step, bad):
-        rngs = [None] * self.world
-        dist.all_gather_object(rngs, self.rng()) if self.world > 1 else rngs.__setitem__(0, self.rng())
+        rng, rngs = {"cpu": torch.get_rng_state()}, [None] * self.world
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state()
+        dist.all_gather_object(rngs, rng) if self.world > 1 else rngs.__setitem__(0, rng)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
         if self.rank > 0:
