@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from data import at_least, die
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import SIZES, SphereEncoder, make_config
-from sample import generate
-from spherify import noise_levels
+from model import LATENTS, SIZES, SphereEncoder, make_config, shard
+from spherify import generate, noise_levels
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 tensor-core FLOP/s
 
@@ -55,7 +55,6 @@ def matmul_peak(device, iters):
 
 
 def bench(args, compile_model, world=1):
-    from train import shard
     dev = args.device
     cfg = make_config(args.model, args.dataset)
     torch.manual_seed(0)
@@ -129,18 +128,19 @@ def bench(args, compile_model, world=1):
                 split=split, sampling=sampling, params=model.num_params())
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = die
     p.add_argument("--model", default="tiny", choices=list(SIZES))
-    p.add_argument("--dataset", default="toy", help="latent shape: toy, cifar10, imagenet, flowers, animalfaces")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--dataset", default="toy", choices=list(LATENTS), help="the latent shape")
+    p.add_argument("--batch_size", type=at_least(1), default=16)
+    p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory, ~1.3x compute)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if args.fsdp and world == 1:
         p.error("--fsdp needs a torchrun launch with 2 or more processes")

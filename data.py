@@ -1,13 +1,17 @@
 """Datasets: an embedded procedural toy set (the default: no download), CIFAR-10, ImageNet,
 Oxford Flowers-102 and any ImageFolder tree. Every dataset yields (image, label) with the image
-(3, H, W) in [-1, 1] and label an int (-1 when the model is unconditional). The random horizontal
+(3, H, W) in [-1, 1] and label an int (ignored when the model is unconditional). The random horizontal
 flip (Sec. 3) is applied to the batch in train.py, so datasets stay deterministic per index.
+Bad input never ends in a traceback: die() prints one line and exits 2; a file that cannot be read
+is skipped in training (Guarded) and listed by --check.
 
     python data.py --dataset toy --out toy.png     # a grid of 10 toy images per class
+    python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
 import argparse
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -17,7 +21,26 @@ TOY_CLASSES = ["disc", "square", "triangle", "ring", "cross",
 
 
 class DataError(Exception):
-    """Bad or missing data: train.py and sample.py print it as one line and exit with code 2."""
+    """Bad or missing data or checkpoint: the scripts print it with die(), one line."""
+
+
+def die(msg, code=2):
+    """Bad input: one clear line on stderr and exit code 2, no traceback (also argparse's p.error)."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def at_least(low, cast=int):
+    """An argparse type: a number >= low, else argparse's one-line error (exit 2 with p.error = die)."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= low:                              # also catches nan
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if cast is int else 'a number'} >= {low}, got {text!r}")
+        return value
+    return parse
 
 
 class ToyShapes(torch.utils.data.Dataset):
@@ -119,8 +142,11 @@ def image_transform(image_size):
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-class Unlabeled(torch.utils.data.Dataset):
-    """Wrap a dataset so every label is -1 (unconditional training on a labelled tree)."""
+class Guarded(torch.utils.data.Dataset):
+    """Training never dies on one bad file: item i that cannot be read or decoded is replaced by the
+    next readable one, i+1, i+2, ... (the same in every run and worker process, so resume stays
+    exact). Returns (x, y, bad) with bad = i for a replaced item, else -1: train.py counts them in
+    the main process, names each file once (path) and stops past --max_bad_frac."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -129,7 +155,29 @@ class Unlabeled(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return self.ds[i][0], -1
+        for k in range(len(self)):
+            try:
+                return (*self.ds[(i + k) % len(self)], i if k else -1)
+            except Exception:                                               # PIL: OSError, SyntaxError, ...
+                continue
+        raise DataError("no image in the data set can be read")
+
+    def path(self, i):
+        return self.ds.samples[i][0] if hasattr(self.ds, "samples") else f"item {i}"
+
+
+def check(ds):
+    """--check: read every item of ds (as training would), list the unreadable ones; exit 1 if any."""
+    from tqdm import tqdm
+    bad = []
+    for i in tqdm(range(len(ds)), desc="reading", unit="img"):
+        try:
+            ds.ds[i]
+        except Exception as err:
+            bad.append(ds.path(i))
+            tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    print(f"{len(bad)} of {len(ds)} images unreadable" + (": remove or replace them before training" if bad else ""))
+    sys.exit(1 if bad else 0)
 
 
 def _check_dir(path, what):
@@ -150,22 +198,18 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
     from torchvision import datasets
     if name == "toy":
         ds = ToyShapes(image_size=image_size)
-    elif name == "cifar10":
-        _check_dir(data_dir, "CIFAR-10") if not download else os.makedirs(data_dir, exist_ok=True)
-        try:
-            ds = datasets.CIFAR10(data_dir, train=True, transform=image_transform(image_size), download=download)
+    elif name in ("cifar10", "flowers"):
+        _check_dir(data_dir, name) if not download else os.makedirs(data_dir, exist_ok=True)
+        tf, where = image_transform(image_size), {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
+                                                  "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)"}
+        try:   # Flowers: all 8,189 images of train+val+test (our choice: the paper does not say)
+            ds = datasets.CIFAR10(data_dir, train=True, transform=tf, download=download) if name == "cifar10" else \
+                torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=tf, download=download)
+                                                for s in ("train", "val", "test")])
         except Exception as err:
-            raise DataError(f"CIFAR-10 not found in {data_dir!r} ({err}); put the extracted "
-                            f"'cifar-10-batches-py/' folder there, or add --download on a machine with internet") from None
-    elif name == "flowers":   # all 8,189 images of train+val+test (our choice: the paper does not say)
-        _check_dir(data_dir, "Oxford Flowers-102") if not download else os.makedirs(data_dir, exist_ok=True)
-        try:
-            ds = torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=image_transform(image_size),
-                                                                     download=download) for s in ("train", "val", "test")])
-        except Exception as err:
-            raise DataError(f"Oxford Flowers-102 not found in {data_dir!r} ({err}); put 'flowers-102/' "
-                            f"(102flowers.tgz extracted, imagelabels.mat, setid.mat) there, or add --download") from None
-        ds.classes = list(range(102))
+            raise DataError(f"{name} not found in {data_dir!r} ({err}); put {where[name]} there, "
+                            f"or add --download on a machine with internet") from None
+        ds.classes = getattr(ds, "classes", list(range(102)))
     elif name == "imagenet":
         _check_dir(data_dir, "ImageNet (with a train/ subfolder of class folders)")
         ds = _folder(os.path.join(data_dir, "train"), image_transform(image_size))
@@ -176,21 +220,26 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
         raise DataError(f"unknown dataset {name!r}")
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} in {data_dir!r} is empty")
-    if unconditional:
-        return Unlabeled(ds), 0
-    return ds, len(ds.classes)
+    return ds, 0 if unconditional else len(ds.classes)                      # 0: train.py ignores the labels
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Save a grid of dataset images (rows = classes).")
-    parser.add_argument("--dataset", default="toy")
+    parser = argparse.ArgumentParser(description="Save a grid of dataset images (rows = classes), or --check it.")
+    parser.error = die
+    parser.add_argument("--dataset", default="toy", choices=["toy", "cifar10", "imagenet", "flowers", "folder"])
     parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--image_size", type=at_least(1), default=32)
+    parser.add_argument("--check", action="store_true", help="read every image and list the unreadable ones")
     parser.add_argument("--out", default="toy.png")
     args = parser.parse_args()
     from torchvision.utils import save_image
-    ds, _ = build_dataset(args.dataset, args.data_dir, args.image_size)
-    x = torch.stack([ds[i][0] for i in range(100)])
+    try:
+        ds, _ = build_dataset(args.dataset, args.data_dir, args.image_size)
+    except DataError as err:
+        die(str(err))
+    if args.check:
+        check(Guarded(ds))
+    x = torch.stack([Guarded(ds)[i][0] for i in range(min(100, len(ds)))])
     if args.dataset == "toy":                                 # rows = classes
         x = x.view(10, 10, *x.shape[1:]).transpose(0, 1).reshape_as(x)
     save_image(x * 0.5 + 0.5, args.out, nrow=10, padding=1)

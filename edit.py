@@ -19,8 +19,9 @@ import os
 
 import torch
 
-from sample import generate, refine
-from spherify import sampling_r, sigma_max, spherify
+from data import DataError, at_least, build_dataset, die
+from model import load_model
+from spherify import generate, refine, sampling_r, sigma_max, spherify
 
 
 @torch.no_grad()
@@ -90,9 +91,6 @@ def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=Non
 def main(argv=None):
     from torchvision.utils import save_image
 
-    from data import DataError, build_dataset
-    from sample import load_model
-    from train import die
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
@@ -101,10 +99,10 @@ def main(argv=None):
     p.add_argument("--images", default="0,1,2,3", help="dataset indices, comma-separated")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--target", type=int, default=None, help="manipulate: the target class (required); grid: the class")
-    p.add_argument("--steps", type=int, default=None, help="rounds (crossover 10, manipulate 4)")
-    p.add_argument("--r", type=float, default=None, help="noise strength (crossover 0.25, manipulate 1)")
-    p.add_argument("--gamma", type=float, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
+    p.add_argument("--target", type=at_least(0), default=None, help="manipulate: the target class (required); grid: the class")
+    p.add_argument("--steps", type=at_least(1), default=None, help="rounds (crossover 10, manipulate 4)")
+    p.add_argument("--r", type=at_least(0.0, float), default=None, help="noise strength (crossover 0.25, manipulate 1)")
+    p.add_argument("--gamma", type=at_least(0.0, float), default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG (default: <ckpt dir>/<command>.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +128,7 @@ def main(argv=None):
     x = torch.stack([ds[i][0] for i in idx]).to(args.device)
     g = torch.Generator(args.device).manual_seed(args.seed)
     alpha = targs["alpha"]
+    kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
     if args.command == "recon":                                              # rows: originals, reconstructions
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
@@ -137,11 +136,9 @@ def main(argv=None):
     elif args.command == "interp":                                           # rows: lerp, slerp
         grid, nrow = interpolate(model, x[:1], x[1:2]), 8
     elif args.command == "crossover":                                        # stitched, then each round
-        kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
         xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
         grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2
     else:                                                                    # rows: input, then each round
-        kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
         y = torch.full((len(x),), args.target, device=args.device)
         xs = manipulate(model, x, y, alpha, generator=g, **kw)
         grid, nrow = torch.stack([x] + xs, 1).flatten(0, 1), len(xs) + 1

@@ -12,6 +12,10 @@ Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
 import math
+import os
+import re
+import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from data import DataError
 from spherify import spherify, noisy_latents
 
 
@@ -385,6 +390,83 @@ class SphereEncoder(nn.Module):
         head = 2 * N * w * P * P * C if cfg.pixel_head == "linear" else 2 * N * w * 32
         dec = 2 * N * d * w + mixer(w) + vit(w, cfg.dec_depth) + head
         return {"encoder": enc, "decoder": dec}
+
+
+# ----------------------------------------------------------------------------- checkpoints, sharding
+# A checkpoint is a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images} of
+# tensors and builtins, so torch.load(weights_only=True) reads it without running pickled code.
+SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write path.tmp, flush it to the disk, rename it over path; a kill or a full disk at any
+    moment leaves the previous file whole. A failed write -> DataError (one line), temp file removed."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            time.sleep(SAVE_DELAY)                                          # part of it is still buffered
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no checkpoint written yet"
+        raise DataError(f"cannot write checkpoint {path!r}: {err.strerror or err}; {kept}") from None
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a plain dict; any other file -> DataError, one line naming the cause."""
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(b"PK"):                                         # torch.save writes a zip archive
+        raise DataError(f"{path!r} is not a PyTorch checkpoint (not a zip archive; it starts with {head!r})")
+    if not zipfile.is_zipfile(path):                                        # the archive's directory is at its end
+        raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                                                # never torch's weights_only paragraph
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"WeightsUnpickler error: (.*)", str(err))
+        raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never do"
+                        if found and "GLOBAL" in found[0] else f"{path!r} is corrupt: "
+                        f"{found[1] if found else str(err).splitlines()[0][:200]}") from None
+    keys = list(ckpt) if isinstance(ckpt, dict) else []
+    if not {"model", "config", "args"} <= set(keys):
+        what = f"{type(ckpt).__name__} with keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+        if {"model", "epoch"} <= set(keys):
+            what += "; it looks like a checkpoint of the authors' release: convert it with python convert.py IN OUT"
+        elif keys and all(torch.is_tensor(v) for v in ckpt.values()):
+            what = f"bare state_dict of {len(keys)} tensors ({keys[0]!r}, ...)"
+        raise DataError(f"{path!r} is a PyTorch file but not a train.py checkpoint: a {what}")
+    return ckpt
+
+
+def load_model(path, device="cpu"):
+    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = SphereEncoder(Config(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as err:
+        raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt["args"]
+
+
+def shard(model, device, world):
+    """FSDP2: one unit per transformer block and per Mixer, then the rest; bf16 compute with fp32
+    gradient reduction on GPU. Parameters, gradients and AdamW state are split over the world."""
+    import warnings
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
+    for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 if __name__ == "__main__":

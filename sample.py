@@ -9,79 +9,12 @@ step re-encodes the image, puts it back on the sphere with noise r sigma_max e',
 """
 import torch
 
-from data import DataError
-from spherify import spherify, sampling_r
-
-
-def guidance_scales(cfg, position):
-    """(w_pixel, w_latent) for a total CFG strength cfg. Combo splits it as sqrt(cfg) at each
-    position so the total is cfg (App. C.1)."""
-    return {"pixel": (cfg, 1.0), "latent": (1.0, cfg), "combo": (cfg ** 0.5, cfg ** 0.5)}[position]
-
-
-def _guided(fn, inp, y, w, null):
-    """fn(inp, y) with CFG: uncond + w (cond - uncond), one batched call. Guidance only for
-    w > 1 [released]: w < 1 would extrapolate away from the class, so it is plain fn too."""
-    if y is None or w <= 1.0:
-        return fn(inp, y)
-    cond, uncond = fn(torch.cat([inp, inp]), torch.cat([y, null])).chunk(2)
-    return uncond + w * (cond - uncond)
-
-
-@torch.no_grad()
-def refine(model, x, y, rs, sigma_max, cfg=1.0, cfg_position="combo", noise="shared", generator=None, trace=None):
-    """The loop of Algorithm 1 from an image x: for each r in rs, encode, put the latent back on
-    the sphere with noise r sigma_max e', decode. Returns the image after each round.
-    noise: "shared" draws e' once and reuses it (the paper's best, Tab. 6), "independent" draws a
-    fresh e' every round. trace: a list that receives the v decoded at each round (viz.py)."""
-    w_pix, w_lat = guidance_scales(cfg, cfg_position)
-    null = None if y is None else model.null_labels(len(y), y.device)
-    xs, e2 = [], None
-    for r in rs:
-        z = _guided(model.encode, x, y, w_lat, null).float()                 # latent CFG
-        if e2 is None or noise == "independent":
-            e2 = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        v = spherify(spherify(z) + r * sigma_max * e2)                      # Eq. 4 at sigma = r sigma_max
-        if trace is not None:
-            trace.append(v)
-        x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)  # pixel CFG, clamp [released]
-        xs.append(x)
-    return xs
-
-
-@torch.no_grad()
-def generate(model, e, y=None, steps=4, sigma_max=5.67, gamma=0.0, cfg=1.0, cfg_position="combo",
-             noise="shared", generator=None, trace=None):
-    """Algorithm 1. e: (B, h, w, d) Gaussian noise; y: (B,) labels or None (null class /
-    unconditional). Returns a list of the images after each step, each (B, C, H, W) in [-1, 1]:
-    a step is one decoder pass, so steps=1 is exactly D(f(e)) (Eq. 3). Steps t = 2..T re-encode
-    with noise strength r = sampling_r(t, T, gamma) (Eq. 13; gamma 0 = fixed r = 1, the best)."""
-    w_pix, _ = guidance_scales(cfg, cfg_position)
-    null = None if y is None else model.null_labels(len(y), y.device)
-    v = spherify(e)                                                         # step 1: no added noise
-    if trace is not None:
-        trace.append(v)
-    x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)
-    rs = [sampling_r(t, steps, gamma) for t in range(2, steps + 1)]        # Eq. 13
-    return [x] + refine(model, x, y, rs, sigma_max, cfg, cfg_position, noise, generator, trace)
+from data import DataError, at_least, die
+from model import load_model
+from spherify import generate, sigma_max
 
 
 # ----------------------------------------------------------------------------- command line
-def load_model(path, device):
-    """A SphereEncoder and its training args from a train.py checkpoint (weights_only=True)."""
-    from model import Config, SphereEncoder
-    from train import load_checkpoint
-    ckpt = load_checkpoint(path)
-    if not {"model", "config", "args"} <= set(ckpt):
-        raise DataError(f"{path!r} is not a train.py checkpoint (needs model, config, args)")
-    model = SphereEncoder(Config(**ckpt["config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), ckpt["args"]
-
-
 def fidelity(samples, args, train_args):
     """FID / IS of uint8 samples (N, 3, H, W) with torch-fidelity against the training set of
     the checkpoint's dataset or an image folder (--ref DIR). The training set's Inception statistics
@@ -159,23 +92,20 @@ def main(argv=None):
 
     import torch.distributed as dist
 
-    from spherify import sigma_max
-    from train import die
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", default="4", help="decoder passes; a list like 1,2,4 sweeps")
-    p.add_argument("--num_samples", "--n", dest="n", type=int, default=None,
+    p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), default=None,
                    help="samples per steps setting (default: 8 per class, or 64); under torchrun write --num_samples")
     p.add_argument("--classes", default="all", help="'all' or a list like 3,5 (balanced over them)")
-    p.add_argument("--cfg", type=float, default=1.0, help="CFG scale; 1 = off, guidance for > 1 (ImageNet: 1.4 combo)")
+    p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off, guidance for > 1 (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
     p.add_argument("--gamma", type=float, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
     p.add_argument("--noise", default="shared", choices=["shared", "independent"])
     p.add_argument("--alpha", type=float, default=None, help="noise angle (default: the training alpha)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=at_least(1), default=64)
     p.add_argument("--out", default=None, help="grid PNG (default: <ckpt dir>/samples_<steps>.png)")
     p.add_argument("--per_step", action="store_true", help="also save a grid of every step's images")
     p.add_argument("--out_dir", default=None, help="also save each sample as a PNG here")
@@ -196,10 +126,6 @@ def main(argv=None):
         die(f"--steps must be integers like 1,2,4, got {args.steps!r}")
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {args.steps}")
-    if args.cfg < 1:
-        die(f"--cfg must be >= 1 (1 = off; a scale below 1 steers away from the class), got {args.cfg}")
-    if (args.n is not None and args.n < 1) or args.batch_size < 1:
-        die("--n and --batch_size must be positive")
     try:
         model, train_args = load_model(args.ckpt, args.device)
     except DataError as err:

@@ -6,8 +6,10 @@ Sphere Encoder (Hou, Yue, Jia, Goldstein, arXiv 2602.15030), Sec. 2.1-2.2, 2.4, 
   Eq. 5, C.2 noise_levels: sigma = r tan(alpha), with angle mixing into a high band
   Eq. 11-12  sigma_max: the noise angle alpha <-> sigma = tan(alpha); angle_deg measures it
   Eq. 13     sampling_r: the noise strength at each sampling step
+  Alg. 1     generate / refine: the walk on the sphere that samples, with CFG (App. C.1)
 
-Nothing here has parameters; model.py, train.py, sample.py and viz.py all call these.
+Nothing here has parameters (generate and refine take the model as an argument); model.py,
+train.py, sample.py, viz.py and edit.py all call these.
 Check them against the paper with `python -m pytest -q tests/test_spherify.py`.
 """
 import math
@@ -94,3 +96,57 @@ def sampling_r(t, steps, gamma=0.0):
     """
     assert 2 <= t <= steps, f"step {t} out of 2..{steps}"
     return (1.0 - (t - 1) / (steps - 1)) ** gamma
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def guidance_scales(cfg, position):
+    """(w_pixel, w_latent) for a total CFG strength cfg. Combo splits it as sqrt(cfg) at each
+    position so the total is cfg (App. C.1)."""
+    return {"pixel": (cfg, 1.0), "latent": (1.0, cfg), "combo": (cfg ** 0.5, cfg ** 0.5)}[position]
+
+
+def _guided(fn, inp, y, w, null):
+    """fn(inp, y) with CFG: uncond + w (cond - uncond), one batched call. Guidance only for
+    w > 1 [released]: w < 1 would extrapolate away from the class, so it is plain fn too."""
+    if y is None or w <= 1.0:
+        return fn(inp, y)
+    cond, uncond = fn(torch.cat([inp, inp]), torch.cat([y, null])).chunk(2)
+    return uncond + w * (cond - uncond)
+
+
+@torch.no_grad()
+def refine(model, x, y, rs, sigma_max, cfg=1.0, cfg_position="combo", noise="shared", generator=None, trace=None):
+    """The loop of Algorithm 1 from an image x: for each r in rs, encode, put the latent back on
+    the sphere with noise r sigma_max e', decode. Returns the image after each round.
+    noise: "shared" draws e' once and reuses it (the paper's best, Tab. 6), "independent" draws a
+    fresh e' every round. trace: a list that receives the v decoded at each round (viz.py)."""
+    w_pix, w_lat = guidance_scales(cfg, cfg_position)
+    null = None if y is None else model.null_labels(len(y), y.device)
+    xs, e2 = [], None
+    for r in rs:
+        z = _guided(model.encode, x, y, w_lat, null).float()                 # latent CFG
+        if e2 is None or noise == "independent":
+            e2 = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        v = spherify(spherify(z) + r * sigma_max * e2)                      # Eq. 4 at sigma = r sigma_max
+        if trace is not None:
+            trace.append(v)
+        x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)  # pixel CFG, clamp [released]
+        xs.append(x)
+    return xs
+
+
+@torch.no_grad()
+def generate(model, e, y=None, steps=4, sigma_max=5.67, gamma=0.0, cfg=1.0, cfg_position="combo",
+             noise="shared", generator=None, trace=None):
+    """Algorithm 1. e: (B, h, w, d) Gaussian noise; y: (B,) labels or None (null class /
+    unconditional). Returns a list of the images after each step, each (B, C, H, W) in [-1, 1]:
+    a step is one decoder pass, so steps=1 is exactly D(f(e)) (Eq. 3). Steps t = 2..T re-encode
+    with noise strength r = sampling_r(t, T, gamma) (Eq. 13; gamma 0 = fixed r = 1, the best)."""
+    w_pix, _ = guidance_scales(cfg, cfg_position)
+    null = None if y is None else model.null_labels(len(y), y.device)
+    v = spherify(e)                                                         # step 1: no added noise
+    if trace is not None:
+        trace.append(v)
+    x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)
+    rs = [sampling_r(t, steps, gamma) for t in range(2, steps + 1)]        # Eq. 13
+    return [x] + refine(model, x, y, rs, sigma_max, cfg, cfg_position, noise, generator, trace)

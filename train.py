@@ -17,9 +17,8 @@ import json
 import math
 import os
 import shutil
-import sys
+import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
@@ -32,11 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import DataError, build_dataset
+from data import DataError, Guarded, at_least, build_dataset, die
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import Config, SphereEncoder, make_config
-from sample import generate
-from spherify import noise_levels, sigma_max, spherify
+from model import SIZES, Config, SphereEncoder, load_checkpoint, make_config, save_checkpoint, shard
+from spherify import generate, noise_levels, sigma_max, spherify
 
 # Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
 # name; base_lr (the peak lr at global batch 256, scaled linearly with --batch_size, Sec. 5) by --lr,
@@ -56,70 +54,79 @@ DATASETS = {
 }
 
 
-def die(msg, code=2):
-    """Bad input: one clear line on stderr and exit code 2, no traceback."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
 def get_args(argv=None):
+    """The flags, with per-dataset defaults filled in, and the checkpoint to resume from (or None)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
-    p.add_argument("--dataset", default="toy", choices=list(DATASETS))
+    pos, count, real = at_least(1), at_least(0), at_least(0.0, float)
+    p.add_argument("--dataset", default=None, choices=list(DATASETS), help="default: toy (or the checkpoint's)")
     p.add_argument("--data_dir", default=None, help="dataset root (not needed for toy)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/flowers")
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
-    p.add_argument("--model", default=None, help="size: tiny, S, B, L, XL (default per dataset)")
-    p.add_argument("--image_size", type=int, default=None)
+    p.add_argument("--model", default=None, choices=list(SIZES), help="size (default per dataset)")
+    p.add_argument("--image_size", type=pos, default=None)
     p.add_argument("--alpha", type=float, default=None, help="max noise angle in degrees, sigma_max = tan(alpha) (Eq. 11-12)")
     p.add_argument("--band", type=float, default=None, help="top of the angle-mixing band in degrees (App. C.2); <= alpha: off")
     p.add_argument("--p_band", type=float, default=0.1, help="probability of a noise draw from the band (App. C.2)")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    p.add_argument("--warmup_epochs", type=float, default=None)
-    p.add_argument("--batch_size", type=int, default=None, help="global batch over all GPUs and accumulation")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step on each GPU")
-    p.add_argument("--lr", type=float, default=None, help="peak decoder lr (default: table lr x batch/256)")
-    p.add_argument("--min_lr", type=float, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
-    p.add_argument("--enc_lr_mult", type=float, default=0.1, help="encoder lr = this x decoder lr [released]")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--epochs", type=real, default=None)
+    p.add_argument("--max_steps", type=count, default=None, help="optimizer steps; overrides --epochs")
+    p.add_argument("--warmup_epochs", type=real, default=None)
+    p.add_argument("--batch_size", type=pos, default=None, help="global batch over all GPUs and accumulation")
+    p.add_argument("--grad_accum", type=pos, default=1, help="micro-batches per step on each GPU")
+    p.add_argument("--lr", type=real, default=None, help="peak decoder lr (default: table lr x batch/256)")
+    p.add_argument("--min_lr", type=real, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
+    p.add_argument("--enc_lr_mult", type=real, default=0.1, help="encoder lr = this x decoder lr [released]")
+    p.add_argument("--weight_decay", type=real, default=0.0)
+    p.add_argument("--clip", type=real, default=1.0, help="gradient-norm clip")
     p.add_argument("--p_drop", type=float, default=0.1, help="label dropout to the null class (Sec. 2.4)")
-    p.add_argument("--weights", type=float, nargs=5, default=None, metavar="W",
+    p.add_argument("--weights", type=real, nargs=5, default=None, metavar="W",
                    help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
-    p.add_argument("--perceptual_weight", type=float, default=None, help="set both perceptual weights (0 = no LPIPS)")
-    p.add_argument("--convnext", type=float, default=0.0,
+    p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
+    p.add_argument("--convnext", type=real, default=0.0,
                    help="mix ConvNeXt-S logit MSE into the perceptual loss, (LPIPS + w ConvNeXt)/(1 + w); "
                         "the release uses 0.1 (needs its ImageNet weights)")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
+    p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num_workers", type=int, default=None)
-    p.add_argument("--log_every", type=int, default=50)
-    p.add_argument("--ckpt_every", type=int, default=500, help="write last.pt every N steps")
-    p.add_argument("--keep_every", type=int, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
-    p.add_argument("--sample_every", type=int, default=500, help="sample and reconstruction grids every N steps")
-    p.add_argument("--sample_steps", type=int, default=4, help="Algorithm 1 steps for the grids")
+    p.add_argument("--num_workers", type=count, default=None)
+    p.add_argument("--max_bad_frac", type=real, default=0.001,
+                   help="stop once more than this fraction of the data set's images proved unreadable")
+    p.add_argument("--log_every", type=pos, default=50)
+    p.add_argument("--ckpt_every", type=pos, default=500, help="write last.pt every N steps")
+    p.add_argument("--keep_every", type=count, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
+    p.add_argument("--sample_every", type=pos, default=500, help="sample and reconstruction grids every N steps")
+    p.add_argument("--sample_steps", type=pos, default=4, help="Algorithm 1 steps for the grids")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
+    ckpt = None
+    if args.resume:                    # what the flags leave unset comes from the checkpoint; a conflict stops
+        path = os.path.join(args.out_dir, "last.pt")
+        if not os.path.exists(path):
+            die(f"--resume, but there is no {path} to resume from (drop --resume to start a new run)")
+        try:
+            ckpt = load_checkpoint(path)
+        except DataError as err:
+            die(str(err))
+        for k in ("dataset", "model", "image_size", "data_dir"):
+            saved, given = ckpt["args"].get(k), getattr(args, k)
+            if given is not None and given != saved and k != "data_dir":   # a moved data set is fine
+                die(f"--{k} {given} conflicts with --resume: {path} was trained with --{k} {saved} "
+                    f"(drop the flag, or use another --out_dir)")
+            setattr(args, k, saved if given is None else given)
+    args.dataset = args.dataset or "toy"
     for k, v in DATASETS[args.dataset].items():                             # fill per-dataset defaults
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.perceptual_weight is not None:
         args.w = [args.w[0], args.perceptual_weight, args.w[2], args.perceptual_weight, args.w[4]]
     args.w = list(args.weights or args.w)
-    args.out_dir = args.out_dir or os.path.join("out", args.dataset)
-    for name in ("batch_size", "grad_accum", "image_size", "log_every", "ckpt_every", "sample_every", "sample_steps"):
-        if getattr(args, name) <= 0:
-            die(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 0:
-        die(f"--max_steps must be >= 0, got {args.max_steps}")
-    return args
+    return args, ckpt
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -151,23 +158,6 @@ def get_lr(step, peak, warmup, total, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def save_checkpoint(obj, path):
-    """Atomic: write a temp file, then rename over the old one; a crash leaves the old file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """A checkpoint as a plain dict (weights_only=True); bad input -> DataError (one line)."""
-    if not os.path.isfile(path):
-        raise DataError(f"no checkpoint at {path!r}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"cannot read checkpoint {path!r}: {str(err).splitlines()[0]}") from None
-
-
 @torch.no_grad()
 def save_grids(model, x, args, step, device):
     """samples_<step>.png: rows = classes (up to 10), Algorithm 1 from fixed noise;
@@ -190,23 +180,9 @@ def save_grids(model, x, args, step, device):
     model.train(was_training)
 
 
-def shard(model, device, world):
-    """FSDP2: one unit per transformer block and per Mixer, then the rest; bf16 compute with fp32
-    gradient reduction on GPU. Parameters, gradients and AdamW state are split over the world."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.split(":")[0], (world,))
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
-    for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
-    # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv=None):
-    args = get_args(argv)
-    # --- distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
+def setup_distributed(args):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or per CPU slot, gloo).
+    Returns (world, rank, device)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = args.device
     if device.startswith("cuda"):
@@ -217,27 +193,101 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    print0 = lambda *a: master and print(*a, flush=True)
     if args.fsdp and world == 1:
         die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
+    if args.batch_size % (world * args.grad_accum):
+        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
+    return world, rank, device
+
+
+def check_out_dir(args, params=0):
+    """Fail early: --out_dir must be writable, and hold a checkpoint (fp32 weights, the two AdamW
+    moments and the EMA copy: 4 bytes x params x 3 or 4); warn below 3 checkpoints' room."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out_dir):                      # a real write: root ignores chmod
+            pass
+    except OSError as err:
+        die(f"cannot write to --out_dir {args.out_dir!r}: {err.strerror or err}")
+    need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
+    room = f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB"
+    if free < need:
+        die(f"{room}; free some space or choose another --out_dir")
+    if free < 3 * need:
+        print(f"warning: {room}", flush=True)
+
+
+def build_optimizer(model, args, device):
+    """AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]."""
+    return torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
+                              {"params": model.decoder.parameters(), "lr_mult": 1.0}],
+                             lr=lr_range(args)[0], betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                             fused=device.startswith("cuda"))
+
+
+class Checkpointer:
+    """last.pt holds the whole state of a run: the full (unsharded, FQN-keyed: DDP and FSDP alike)
+    weights and optimizer, EMA, step, config, args, every rank's RNG and the unreadable images found.
+    save() writes it atomically from rank 0; restore() puts a run back exactly there."""
+
+    def __init__(self, model, opt, ema, cfg, args, world, rank, device):
+        self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
+        self.world, self.rank, self.device = world, rank, device
+        self.path, self.saved_step = os.path.join(args.out_dir, "last.pt"), None
+
+    def restore(self, ckpt):
+        """-> (step, unreadable images found so far) of the checkpoint."""
+        set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        for group, mult in zip(self.opt.param_groups, (self.args.enc_lr_mult, 1.0)):   # this run's flags
+            group["lr_mult"], group["weight_decay"] = mult, self.args.weight_decay
+        if self.ema is not None and "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+        rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else None  # same world size: exact resume
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.startswith("cuda"):
+                torch.cuda.set_rng_state(rng["cuda"])
+        self.saved_step = ckpt["step"]
+        return ckpt["step"], list(ckpt.get("bad_images", []))
+
+    def save(self, step, bad):
+        rng, rngs = {"cpu": torch.get_rng_state()}, [None] * self.world
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state()
+        dist.all_gather_object(rngs, rng) if self.world > 1 else rngs.__setitem__(0, rng)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
+        if self.rank > 0:
+            return
+        obj = {"model": sd, "optimizer": osd, "step": step, "config": asdict(self.cfg), "args": vars(self.args),
+               "rng": rngs, "bad_images": bad, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+        save_checkpoint(obj, self.path)                                     # DataError on a full disk
+        self.saved_step = step
+        if self.args.keep_every and step % self.args.keep_every == 0:
+            save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args, ckpt = get_args(argv)
+    world, rank, device = setup_distributed(args)
+    master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
+    print0 = lambda *a: master and print(*a, flush=True)
+    check_out_dir(args)
     if args.wandb:                                                          # fail on every rank, not just rank 0
         try:
             import wandb
         except ImportError:
             die("--wandb needs the wandb package: pip install wandb")
-    micro, rem = divmod(args.batch_size, world * args.grad_accum)
-    if micro == 0 or rem:
-        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
 
-    # --- data
+    # --- data: Guarded replaces an unreadable image by the next one and says which it was
     try:
         ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
-        ckpt = load_checkpoint(os.path.join(args.out_dir, "last.pt")) if args.resume else None
     except DataError as err:
         die(str(err))
+    ds = Guarded(ds)
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
         die(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}")
@@ -248,41 +298,29 @@ def main(argv=None):
                         pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
 
-    # --- model, optimizer (encoder at 0.1x lr, its own param group [released])
+    # --- model, EMA, optimizer, checkpoint
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
                                                             num_classes=num_classes)
     if cfg.num_classes != num_classes:
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
+    if cfg.image_size % cfg.patch_size:
+        die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
     torch.manual_seed(args.seed)                                            # the same init on every rank (FSDP shards it)
     model = SphereEncoder(cfg).to(device)
     torch.manual_seed(args.seed + rank)                                     # per-rank noise, flips, dropout
     model.set_grad_checkpointing(args.grad_ckpt)
+    check_out_dir(args, model.num_params())
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.fsdp:
         shard(model, device, world)
-    lr, min_lr = lr_range(args)
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
-                             {"params": model.decoder.parameters(), "lr_mult": 1.0}],
-                            lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                            fused=device.startswith("cuda"))
+    opt = build_optimizer(model, args, device)
     ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None
-    step = 0
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)         # FQN-keyed: same for DDP and FSDP
+    checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
+    step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
     if ckpt:
-        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        for group, mult in zip(opt.param_groups, (args.enc_lr_mult, 1.0)):   # this run's flags, not the saved ones
-            group["lr_mult"], group["weight_decay"] = mult, args.weight_decay
-        if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"])
-        step = ckpt["step"]
-        rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else None        # same world size: exact resume
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and device.startswith("cuda"):
-                torch.cuda.set_rng_state(rng["cuda"])
-        print0(f"resumed from {args.out_dir}/last.pt at step {step}")
-    net = DDP(model, device_ids=[local] if device.startswith("cuda") else None) if world > 1 and not args.fsdp else model
+        print0(f"resumed from {checkpointer.path} at step {step}")
+    net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 and not args.fsdp else model
     net = torch.compile(net) if args.compile else net
     perceptual = None
     if args.w[1] > 0 or args.w[3] > 0:
@@ -295,34 +333,14 @@ def main(argv=None):
                "the paper uses it: --perceptual_weight 1 once VGG-16 weights are available")
     weights = LossWeights(*args.w)
     band = args.band if args.band > args.alpha else None
+    lr, min_lr = lr_range(args)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    os.makedirs(args.out_dir, exist_ok=True)
     print0(f"{args.dataset}: {len(ds)} images, {num_classes} classes | model {args.model}: "
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
     if args.wandb and master:
         wandb.init(project="sphere-encoder", config=vars(args))
-
-    saved_step = step if ckpt else None                                     # for the non-finite-loss message
-
-    def save(step):
-        nonlocal saved_step
-        saved_step = step
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng) if world > 1 else rngs.__setitem__(0, rng)
-        sd, osd = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
-        if master:                                                          # the full (unsharded) state
-            obj = {"model": sd, "optimizer": osd, "step": step,
-                   "config": asdict(cfg), "args": vars(args), "rng": rngs}
-            if ema is not None:
-                obj["ema"] = ema.state_dict()
-            path = os.path.join(args.out_dir, "last.pt")
-            save_checkpoint(obj, path)
-            if args.keep_every and step % args.keep_every == 0:
-                shutil.copyfile(path, path + ".copy")
-                os.replace(path + ".copy", os.path.join(args.out_dir, f"ckpt_{step:07d}.pt"))
 
     def batches(step):                                                     # endless, resumable
         epoch, skip = divmod(step, steps_per_epoch)
@@ -337,13 +355,17 @@ def main(argv=None):
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
     log_path, t0, seen = os.path.join(args.out_dir, "log.jsonl"), time.time(), 0
     bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     model.train()
     while step < max_steps:
         lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
         for group in opt.param_groups:
             group["lr"] = lr_now * group["lr_mult"]
         for i in range(args.grad_accum):
-            x, y = next(data)
+            x, y, replaced = next(data)
+            for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):   # each file named once
+                bad.append(j)
+                tqdm.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)  # h-flip (Sec. 3)
             sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)  # Eq. 5, C.2
@@ -367,19 +389,27 @@ def main(argv=None):
         bar.update(1)
 
         last = step == max_steps
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:   # the loop's only syncs
             if world > 1:
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+                found = [None] * world
+                dist.all_gather_object(found, bad)
+                bad = list(dict.fromkeys(sum(found, [])))
             if bad_step.item() >= 0:
-                die(f"non-finite loss at step {bad_step.item()}; stopped. The last good checkpoint "
-                    f"({'step ' + str(saved_step) if saved_step else 'none yet'}) is untouched in {args.out_dir}", code=1)
+                saved = checkpointer.saved_step
+                stop(f"non-finite loss at step {bad_step.item()}; stopped. The last good checkpoint "
+                    f"({'step ' + str(saved) if saved else 'none yet'}) is untouched in {args.out_dir}", code=1)
+            if len(bad) > args.max_bad_frac * len(ds):
+                stop(f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} "
+                    f"(first: {', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py "
+                    f"--check --dataset {args.dataset} --data_dir {args.data_dir}")
         if step % args.log_every == 0 or last:
             logs = torch.stack([losses[k].detach().float() for k in ("total", "recon", "pix_con", "lat_con")] + [grad_norm.float()])
             if world > 1:
                 dist.all_reduce(logs, op=dist.ReduceOp.AVG)
             dt, t0 = time.time() - t0, time.time()
             rec = dict(step=step, **dict(zip(("loss", "recon", "pix_con", "lat_con", "grad_norm"), logs.tolist())),
-                       lr=lr_now, img_per_s=seen / dt)
+                       lr=lr_now, img_per_s=seen / dt, bad_images=len(bad))
             seen = 0
             if master:
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
@@ -388,11 +418,14 @@ def main(argv=None):
                 if args.wandb:
                     wandb.log(rec, step=step)
         if step % args.ckpt_every == 0 or last:
-            save(step)
+            try:
+                checkpointer.save(step, bad)
+            except DataError as err:                                        # a full disk: stop, last.pt intact
+                stop(str(err))
         if step % args.sample_every == 0 or last:
             plain = ema or model
             if args.fsdp:                                                   # sample from a gathered copy on rank 0
-                sd = get_model_state_dict(model, options=full)
+                sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 if master:
                     plain = SphereEncoder(cfg).to(device)
                     plain.load_state_dict(sd)
@@ -409,7 +442,7 @@ def main(argv=None):
         print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
     if world > 1:
         dist.destroy_process_group()
-    print0(f"done: {step} steps, checkpoint {os.path.join(args.out_dir, 'last.pt')}")
+    print0(f"done: {step} steps, checkpoint {checkpointer.path}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ matplotlib.use("Agg")                      # headless
 import matplotlib.pyplot as plt
 import torch
 
-from sample import generate
-from spherify import angle_deg, noise_levels, noisy_latents, sigma_max, spherify
+from data import DataError, at_least, build_dataset, die
+from model import load_model
+from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
 
 
 def project(v, P):
@@ -146,22 +147,16 @@ def plot_uniformity(v, prior, stats, out):
 
 
 def main(argv=None):
-    from data import DataError, build_dataset
-    from sample import load_model
-    from train import die
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
     p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--n", type=int, default=1000, help="images to encode (and prior points)")
-    p.add_argument("--steps", type=int, default=6, help="Algorithm 1 steps for the trajectory")
+    p.add_argument("--n", type=at_least(2), default=1000, help="images to encode (and prior points)")
+    p.add_argument("--steps", type=at_least(1), default=6, help="Algorithm 1 steps for the trajectory")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.n < 2 or args.steps < 1:
-        die("--n must be >= 2 and --steps >= 1")
     if not os.path.isfile(args.ckpt):
         die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
     try:

@@ -10,7 +10,7 @@ import torch
 import sample
 from conftest import ROOT, randomize_zero_inits
 from model import SphereEncoder
-from sample import generate, guidance_scales
+from spherify import generate, guidance_scales
 from spherify import sigma_max, spherify
 
 
@@ -114,7 +114,8 @@ def test_cli_grid_per_step_and_npz_round_trip(ckpt, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--cfg", "0.5"], "--cfg must be >= 1"),
+    (["--cfg", "0.5"], "argument --cfg: must be a number >= 1.0"),
+    (["--n", "0"], "argument --num_samples/--n: must be an integer >= 1"),
     (["--classes", "10"], "class ids must be in 0..9"),
 ])
 def test_cli_bad_input(ckpt, args, message):
@@ -128,7 +129,7 @@ def test_cli_missing_and_corrupt_checkpoint(tmp_path):
     assert r.returncode == 2 and "no checkpoint" in r.stderr
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     r = run("--ckpt", str(tmp_path / "bad.pt"))
-    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "is not a PyTorch checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_frechet_distance_hand_values():

@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
+import model as model_py
 import train
 from conftest import ROOT
-from data import ToyShapes
+from data import DataError, ToyShapes
 
 FAST = ["--batch_size", "8", "--model", "tiny", "--log_every", "2", "--sample_every", "1000", "--num_workers", "0"]
 
@@ -84,15 +85,16 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    model_py.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def crash(src, dst):
         raise OSError("killed between writing the temp file and the rename")
-    monkeypatch.setattr(train.os, "replace", crash)
-    with pytest.raises(OSError):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(model_py.os, "replace", crash)
+    with pytest.raises(DataError, match="the previous checkpoint is intact"):
+        model_py.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     ck = torch.load(path, weights_only=True)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert not os.path.exists(path + ".tmp")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -117,7 +119,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "folder", "--data_dir", "/nonexistent/images"], "not a folder"),
-    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--batch_size", "0"], "argument --batch_size: must be an integer >= 1, got '0'"),
+    (["--model", "Q"], "argument --model: invalid choice: 'Q' (choose from"),
+    (["--image_size", "-3"], "argument --image_size: must be an integer >= 1"),
+    (["--max_steps", "ten"], "argument --max_steps: must be an integer >= 0, got 'ten'"),
+    (["--epochs", "nan"], "argument --epochs: must be a number >= 0.0"),
     (["--batch_size", "6", "--grad_accum", "4"], "multiple of"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
@@ -130,7 +136,8 @@ def test_bad_input_exits_2_with_one_line(args, message):
 def test_corrupt_checkpoint_exits_2(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     r = run("train.py", "--resume", "--out_dir", str(tmp_path))
-    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "is not a PyTorch checkpoint (not a zip archive" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_empty_image_folder_exits_2(tmp_path):
@@ -149,5 +156,5 @@ def test_lr_schedule_as_released():
     assert train.get_lr(50, peak, 10, 100, lo) == pytest.approx(lo + 0.5 * (peak - lo))   # half-way: t = 40/80
     assert train.get_lr(90, peak, 10, 100, lo) == pytest.approx(lo)
     assert train.get_lr(99, peak, 10, 100, lo) == pytest.approx(lo)
-    args = train.get_args(["--dataset", "cifar10", "--batch_size", "512"])
+    args, _ = train.get_args(["--dataset", "cifar10", "--batch_size", "512"])
     assert train.lr_range(args) == pytest.approx((2e-4, 2e-6))
