@@ -125,7 +125,7 @@ def convert(released):
 
 
 def main(argv=None):
-    from train import die
+    from data import die
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     p.add_argument("src", help="a released checkpoint (.pth)")
