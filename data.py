@@ -9,15 +9,13 @@ is skipped in training (Guarded) and listed by --check.
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
 import argparse
+import functools
 import math
 import os
 import sys
 
 import numpy as np
 import torch
-
-TOY_CLASSES = ["disc", "square", "triangle", "ring", "cross",
-               "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
 
 
 class DataError(Exception):
@@ -30,16 +28,26 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+def script(main):
+    """Wraps a script's main(argv): a DataError anywhere in it ends the script with its one line (die)."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except DataError as err:
+            die(str(err))
+    return run
+
+
 def at_least(low, cast=int):
     """An argparse type: a number >= low, else argparse's one-line error (exit 2 with p.error = die)."""
     def parse(text):
         try:
-            value = cast(text)
+            if cast(text) >= low:                                           # False for nan
+                return cast(text)
         except ValueError:
-            value = None
-        if value is None or not value >= low:                              # also catches nan
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if cast is int else 'a number'} >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if cast is int else 'a number'} >= {low}, got {text!r}")
     return parse
 
 
@@ -47,9 +55,10 @@ class ToyShapes(torch.utils.data.Dataset):
     """10 visually distinct classes, 5 shapes and 5 textures, with random colours, position, size
     and period. Image i is generated from its own seed, so it is the same in every process."""
 
+    classes = ["disc", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
+
     def __init__(self, size=10_000, image_size=32, seed=0):
         self.size, self.image_size, self.seed = size, image_size, seed
-        self.classes = TOY_CLASSES
 
     def __len__(self):
         return self.size
@@ -180,66 +189,55 @@ def check(ds):
     sys.exit(1 if bad else 0)
 
 
-def _check_dir(path, what):
-    if not path or not os.path.isdir(path):
-        raise DataError(f"{what} expected in a folder, but --data_dir {path!r} is not a folder")
-
-
-def _folder(path, tf):
-    from torchvision.datasets import ImageFolder
-    try:
-        return ImageFolder(path, transform=tf)
-    except (FileNotFoundError, RuntimeError) as err:                       # no class folders / no images
-        raise DataError(f"no images found in {path!r} (expected class subfolders with images): {err}") from None
+# what --data_dir must hold, per dataset (README "Data")
+WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
+         "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)",
+         "imagenet": "a train/ subfolder of class folders of images", "folder": "class subfolders of images"}
 
 
 def build_dataset(name, data_dir=None, image_size=32, unconditional=False, download=False):
     """The training set for `name`. Returns (dataset, num_classes); num_classes 0 = unconditional."""
     from torchvision import datasets
-    if name == "toy":
-        ds = ToyShapes(image_size=image_size)
-    elif name in ("cifar10", "flowers"):
-        _check_dir(data_dir, name) if not download else os.makedirs(data_dir, exist_ok=True)
-        tf, where = image_transform(image_size), {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
-                                                  "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)"}
-        try:   # Flowers: all 8,189 images of train+val+test (our choice: the paper does not say)
-            ds = datasets.CIFAR10(data_dir, train=True, transform=tf, download=download) if name == "cifar10" else \
-                torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=tf, download=download)
-                                                for s in ("train", "val", "test")])
-        except Exception as err:
-            raise DataError(f"{name} not found in {data_dir!r} ({err}); put {where[name]} there, "
-                            f"or add --download on a machine with internet") from None
-        ds.classes = getattr(ds, "classes", list(range(102)))
-    elif name == "imagenet":
-        _check_dir(data_dir, "ImageNet (with a train/ subfolder of class folders)")
-        ds = _folder(os.path.join(data_dir, "train"), image_transform(image_size))
-    elif name == "folder":
-        _check_dir(data_dir, "an ImageFolder tree (class subfolders of images)")
-        ds = _folder(data_dir, image_transform(image_size))
-    else:
+    if name not in ("toy", *WHERE):
         raise DataError(f"unknown dataset {name!r}")
-    if len(ds) == 0:
-        raise DataError(f"dataset {name!r} in {data_dir!r} is empty")
+    if name != "toy" and not download and not (data_dir and os.path.isdir(data_dir)):
+        raise DataError(f"{name} expected in a folder ({WHERE[name]}), but --data_dir {data_dir!r} is not a folder")
+    tf = image_transform(image_size)
+    try:
+        if name == "toy":
+            ds = ToyShapes(image_size=image_size)
+        elif name == "cifar10":
+            ds = datasets.CIFAR10(data_dir, train=True, transform=tf, download=download)
+        elif name == "flowers":   # all 8,189 images of train+val+test (our choice: the paper does not say)
+            ds = torch.utils.data.ConcatDataset([datasets.Flowers102(data_dir, split=s, transform=tf, download=download)
+                                                 for s in ("train", "val", "test")])
+            ds.classes = list(range(102))
+        else:
+            ds = datasets.ImageFolder(os.path.join(data_dir, "train") if name == "imagenet" else data_dir, tf)
+    except Exception as err:                                                # missing files, no class folders / images
+        hint = ", or add --download on a machine with internet" if name in ("cifar10", "flowers") else ""
+        raise DataError(f"no images found for {name} in {data_dir!r} ({str(err).splitlines()[0]}); "
+                        f"it should hold {WHERE[name]}{hint}") from None
     return ds, 0 if unconditional else len(ds.classes)                      # 0: train.py ignores the labels
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Save a grid of dataset images (rows = classes), or --check it.")
-    parser.error = die
-    parser.add_argument("--dataset", default="toy", choices=["toy", "cifar10", "imagenet", "flowers", "folder"])
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--image_size", type=at_least(1), default=32)
-    parser.add_argument("--check", action="store_true", help="read every image and list the unreadable ones")
-    parser.add_argument("--out", default="toy.png")
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description="Save a grid of dataset images (rows = classes), or --check it.")
+    p.error = die
+    p.add_argument("--dataset", default="toy", choices=["toy", *WHERE])
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--image_size", type=at_least(1), default=32)
+    p.add_argument("--check", action="store_true", help="read every image and list the unreadable ones")
+    p.add_argument("--out", default="toy.png")
+    args = p.parse_args()
     from torchvision.utils import save_image
     try:
-        ds, _ = build_dataset(args.dataset, args.data_dir, args.image_size)
+        ds = Guarded(build_dataset(args.dataset, args.data_dir, args.image_size)[0])
     except DataError as err:
         die(str(err))
     if args.check:
-        check(Guarded(ds))
-    x = torch.stack([Guarded(ds)[i][0] for i in range(min(100, len(ds)))])
+        check(ds)
+    x = torch.stack([ds[i][0] for i in range(min(100, len(ds)))])
     if args.dataset == "toy":                                 # rows = classes
         x = x.view(10, 10, *x.shape[1:]).transpose(0, 1).reshape_as(x)
     save_image(x * 0.5 + 0.5, args.out, nrow=10, padding=1)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import DataError
+from data import DataError, build_dataset
 from spherify import spherify, noisy_latents
 
 
@@ -392,7 +393,7 @@ class SphereEncoder(nn.Module):
         return {"encoder": enc, "decoder": dec}
 
 
-# ----------------------------------------------------------------------------- checkpoints, sharding
+# ----------------------------------------------------------------------------- checkpoints, processes
 # A checkpoint is a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images} of
 # tensors and builtins, so torch.load(weights_only=True) reads it without running pickled code.
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
@@ -416,8 +417,9 @@ def save_checkpoint(obj, path):
         raise DataError(f"cannot write checkpoint {path!r}: {err.strerror or err}; {kept}") from None
 
 
-def load_checkpoint(path):
-    """A train.py checkpoint as a plain dict; any other file -> DataError, one line naming the cause."""
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) of any file (also convert.py's released .pth); a file that is
+    missing, not a zip archive, truncated or corrupt -> DataError, one line naming the cause."""
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
@@ -427,12 +429,17 @@ def load_checkpoint(path):
     if not zipfile.is_zipfile(path):                                        # the archive's directory is at its end
         raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:                                                # never torch's weights_only paragraph
         found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"WeightsUnpickler error: (.*)", str(err))
         raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never do"
                         if found and "GLOBAL" in found[0] else f"{path!r} is corrupt: "
                         f"{found[1] if found else str(err).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a plain dict; any other file -> DataError, one line naming the cause."""
+    ckpt = read_checkpoint(path)
     keys = list(ckpt) if isinstance(ckpt, dict) else []
     if not {"model", "config", "args"} <= set(keys):
         what = f"{type(ckpt).__name__} with keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
@@ -453,6 +460,29 @@ def load_model(path, device="cpu"):
     except (TypeError, RuntimeError) as err:
         raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt["args"]
+
+
+def load_model_and_data(args):
+    """viz.py, edit.py: the model of --ckpt on --device, its training args, and the images of --dataset /
+    --data_dir (default: the checkpoint's) at the model's size."""
+    model, targs = load_model(args.ckpt, args.device)
+    ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"), model.cfg.image_size)
+    return model, targs, ds
+
+
+def init_distributed(device):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or per CPU slot, gloo), TF32 on.
+    Returns (world, rank, device), the device of this process."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda but no GPU is visible; use --device cpu")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return world, rank, device
 
 
 def shard(model, device, world):
