@@ -29,11 +29,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.utils import save_image
 from tqdm import tqdm
 
-from data import DataError, Guarded, at_least, build_dataset, die
+from data import DataError, Guarded, at_least, build_dataset, die, script
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import SIZES, Config, SphereEncoder, load_checkpoint, make_config, save_checkpoint, shard
+from model import (SIZES, Config, SphereEncoder, init_distributed, load_checkpoint, make_config, save_checkpoint,
+                   shard)
 from spherify import generate, noise_levels, sigma_max, spherify
 
 # Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
@@ -82,17 +84,14 @@ def get_args(argv=None):
     p.add_argument("--weights", type=real, nargs=5, default=None, metavar="W",
                    help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
     p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
-    p.add_argument("--convnext", type=real, default=0.0,
-                   help="mix ConvNeXt-S logit MSE into the perceptual loss, (LPIPS + w ConvNeXt)/(1 + w); "
-                        "the release uses 0.1 (needs its ImageNet weights)")
+    p.add_argument("--convnext", type=real, default=0.0, help="perceptual = (LPIPS + w ConvNeXt-S)/(1 + w); released 0.1")
     p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_workers", type=count, default=None)
-    p.add_argument("--max_bad_frac", type=real, default=0.001,
-                   help="stop once more than this fraction of the data set's images proved unreadable")
+    p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction of unreadable images")
     p.add_argument("--log_every", type=pos, default=50)
     p.add_argument("--ckpt_every", type=pos, default=500, help="write last.pt every N steps")
     p.add_argument("--keep_every", type=count, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
@@ -109,10 +108,7 @@ def get_args(argv=None):
         path = os.path.join(args.out_dir, "last.pt")
         if not os.path.exists(path):
             die(f"--resume, but there is no {path} to resume from (drop --resume to start a new run)")
-        try:
-            ckpt = load_checkpoint(path)
-        except DataError as err:
-            die(str(err))
+        ckpt = load_checkpoint(path)
         for k in ("dataset", "model", "image_size", "data_dir"):
             saved, given = ckpt["args"].get(k), getattr(args, k)
             if given is not None and given != saved and k != "data_dir":   # a moved data set is fine
@@ -159,47 +155,21 @@ def get_lr(step, peak, warmup, total, min_lr):
 
 
 @torch.no_grad()
-def save_grids(model, x, args, step, device):
-    """samples_<step>.png: rows = classes (up to 10), Algorithm 1 from fixed noise;
+def save_grids(model, x, args, step, device, n=8):
+    """samples_<step>.png: rows = classes (up to 10), n columns, Algorithm 1 from fixed noise;
     recon_<step>.png: a row of training images over their reconstructions (null class, r = 0)."""
-    from torchvision.utils import save_image
     cfg, was_training = model.cfg, model.training
     model.eval()
     g = torch.Generator(device).manual_seed(1234)                           # same noise every time
-    n_rows, n_cols = max(1, min(cfg.num_classes, 10)), 8
-    labels = None
-    if cfg.num_classes:
-        rows = torch.linspace(0, cfg.num_classes - 1, n_rows).round().long()
-        labels = rows.repeat_interleave(n_cols).to(device)
-    e = torch.randn(n_rows * n_cols, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
+    rows = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().long()   # one class a row
+    labels = rows.repeat_interleave(n).to(device) if cfg.num_classes else None
+    e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
     imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
-    save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n_cols)
-    x = x[:n_cols]
+    save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
+    x = x[:n]
     recon = model.decode(spherify(model.encode(x))).float()                # D(f(E(x))): null class, r = 0
-    save_image(torch.cat([x, recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n_cols)
+    save_image(torch.cat([x, recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n)
     model.train(was_training)
-
-
-def setup_distributed(args):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or per CPU slot, gloo).
-    Returns (world, rank, device)."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    device = args.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            die("--device cuda but no GPU is visible; use --device cpu")
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if args.fsdp and world == 1:
-        die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
-    if args.fsdp and args.ema > 0:
-        die("--ema is not supported with --fsdp")
-    if args.batch_size % (world * args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
-    return world, rank, device
 
 
 def check_out_dir(args, params=0):
@@ -219,14 +189,6 @@ def check_out_dir(args, params=0):
         print(f"warning: {room}", flush=True)
 
 
-def build_optimizer(model, args, device):
-    """AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]."""
-    return torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
-                              {"params": model.decoder.parameters(), "lr_mult": 1.0}],
-                             lr=lr_range(args)[0], betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                             fused=device.startswith("cuda"))
-
-
 class Checkpointer:
     """last.pt holds the whole state of a run: the full (unsharded, FQN-keyed: DDP and FSDP alike)
     weights and optimizer, EMA, step, config, args, every rank's RNG and the unreadable images found.
@@ -244,19 +206,21 @@ class Checkpointer:
             group["lr_mult"], group["weight_decay"] = mult, self.args.weight_decay
         if self.ema is not None and "ema" in ckpt:
             self.ema.load_state_dict(ckpt["ema"])
-        rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else None  # same world size: exact resume
-        if rng is not None:
+        rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else {}   # same world size: exact resume
+        if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.startswith("cuda"):
-                torch.cuda.set_rng_state(rng["cuda"])
+        if "cuda" in rng and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"])
         self.saved_step = ckpt["step"]
         return ckpt["step"], list(ckpt.get("bad_images", []))
 
     def save(self, step, bad):
-        rng, rngs = {"cpu": torch.get_rng_state()}, [None] * self.world
+        rng = {"cpu": torch.get_rng_state()}
         if self.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state()
-        dist.all_gather_object(rngs, rng) if self.world > 1 else rngs.__setitem__(0, rng)
+        rngs = [rng] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
         if self.rank > 0:
@@ -270,9 +234,16 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- main
+@script
 def main(argv=None):
     args, ckpt = get_args(argv)
-    world, rank, device = setup_distributed(args)
+    world, rank, device = init_distributed(args.device)
+    if args.fsdp and world == 1:
+        die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    if args.fsdp and args.ema > 0:
+        die("--ema is not supported with --fsdp")
+    if args.batch_size % (world * args.grad_accum):
+        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
     master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
     print0 = lambda *a: master and print(*a, flush=True)
     check_out_dir(args)
@@ -283,10 +254,7 @@ def main(argv=None):
             die("--wandb needs the wandb package: pip install wandb")
 
     # --- data: Guarded replaces an unreadable image by the next one and says which it was
-    try:
-        ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
-    except DataError as err:
-        die(str(err))
+    ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
     ds = Guarded(ds)
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
@@ -298,7 +266,15 @@ def main(argv=None):
                         pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
 
-    # --- model, EMA, optimizer, checkpoint
+    def batches(step):                                                     # endless, resumable
+        epoch, skip = divmod(step, steps_per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            sampler.start = skip * args.grad_accum * micro
+            yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
+            epoch, skip = epoch + 1, 0
+
+    # --- model, optimizer, EMA, checkpoint
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
                                                             num_classes=num_classes)
     if cfg.num_classes != num_classes:
@@ -314,7 +290,11 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
     if args.fsdp:
         shard(model, device, world)
-    opt = build_optimizer(model, args, device)
+    lr, min_lr = lr_range(args)
+    # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
+                             {"params": model.decoder.parameters(), "lr_mult": 1.0}], lr=lr, betas=(0.9, 0.95),
+                            weight_decay=args.weight_decay, fused=device.startswith("cuda"))
     ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
     step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
@@ -331,9 +311,7 @@ def main(argv=None):
     else:
         print0("warning: training WITHOUT the perceptual (LPIPS) loss term (its weight is 0); "
                "the paper uses it: --perceptual_weight 1 once VGG-16 weights are available")
-    weights = LossWeights(*args.w)
     band = args.band if args.band > args.alpha else None
-    lr, min_lr = lr_range(args)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     print0(f"{args.dataset}: {len(ds)} images, {num_classes} classes | model {args.model}: "
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
@@ -342,20 +320,12 @@ def main(argv=None):
     if args.wandb and master:
         wandb.init(project="sphere-encoder", config=vars(args))
 
-    def batches(step):                                                     # endless, resumable
-        epoch, skip = divmod(step, steps_per_epoch)
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.start = skip * args.grad_accum * micro
-            yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
-            epoch, skip = epoch + 1, 0
-
     # --- the loop
-    data = batches(step)
+    data, logged, t0 = batches(step), step, time.time()
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
-    log_path, t0, seen = os.path.join(args.out_dir, "log.jsonl"), time.time(), 0
     bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
+    due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
     model.train()
     while step < max_steps:
         lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
@@ -375,7 +345,7 @@ def main(argv=None):
                 model.set_requires_gradient_sync(sync_now)
             with sync, autocast:
                 z, x_NOISY, x_noisy, z_re = net(x, y if num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
-                losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, weights, perceptual)                      # Eq. 10
+                losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)          # Eq. 10
             (losses["total"] / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -385,11 +355,9 @@ def main(argv=None):
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
         step += 1
-        seen += args.batch_size
         bar.update(1)
 
-        last = step == max_steps
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:   # the loop's only syncs
+        if due(args.log_every) or due(args.ckpt_every):                     # the loop's only syncs
             if world > 1:
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
                 found = [None] * world
@@ -398,31 +366,31 @@ def main(argv=None):
             if bad_step.item() >= 0:
                 saved = checkpointer.saved_step
                 stop(f"non-finite loss at step {bad_step.item()}; stopped. The last good checkpoint "
-                    f"({'step ' + str(saved) if saved else 'none yet'}) is untouched in {args.out_dir}", code=1)
+                     f"({'step ' + str(saved) if saved else 'none yet'}) is untouched in {args.out_dir}", code=1)
             if len(bad) > args.max_bad_frac * len(ds):
                 stop(f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} "
-                    f"(first: {', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py "
-                    f"--check --dataset {args.dataset} --data_dir {args.data_dir}")
-        if step % args.log_every == 0 or last:
-            logs = torch.stack([losses[k].detach().float() for k in ("total", "recon", "pix_con", "lat_con")] + [grad_norm.float()])
+                     f"(first: {', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py "
+                     f"--check --dataset {args.dataset} --data_dir {args.data_dir}")
+        if due(args.log_every):
+            names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
+            logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
             if world > 1:
                 dist.all_reduce(logs, op=dist.ReduceOp.AVG)
-            dt, t0 = time.time() - t0, time.time()
-            rec = dict(step=step, **dict(zip(("loss", "recon", "pix_con", "lat_con", "grad_norm"), logs.tolist())),
-                       lr=lr_now, img_per_s=seen / dt, bad_images=len(bad))
-            seen = 0
+            rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr_now,
+                       img_per_s=(step - logged) * args.batch_size / (time.time() - t0), bad_images=len(bad))
+            logged, t0 = step, time.time()
             if master:
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                with open(log_path, "a") as f:
+                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if args.wandb:
                     wandb.log(rec, step=step)
-        if step % args.ckpt_every == 0 or last:
+        if due(args.ckpt_every):
             try:
                 checkpointer.save(step, bad)
             except DataError as err:                                        # a full disk: stop, last.pt intact
                 stop(str(err))
-        if step % args.sample_every == 0 or last:
+        if due(args.sample_every):
             plain = ema or model
             if args.fsdp:                                                   # sample from a gathered copy on rank 0
                 sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
