@@ -7,11 +7,19 @@ step re-encodes the image, puts it back on the sphere with noise r sigma_max e',
     python sample.py --ckpt out/toy/last.pt --steps 4
     torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
 """
-import torch
+import argparse
+import os
+from contextlib import nullcontext
 
-from data import DataError, at_least, die
-from model import load_model
-from spherify import generate, sigma_max
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from data import DataError, ToyShapes, at_least, build_dataset, die, script, toy_classifier
+from model import init_distributed, load_model
+from spherify import generate, sigma_max, spherify
 
 
 # ----------------------------------------------------------------------------- command line
@@ -20,7 +28,6 @@ def fidelity(samples, args, train_args):
     the checkpoint's dataset or an image folder (--ref DIR). The training set's Inception statistics
     are cached by torch-fidelity under a name, so they are computed once."""
     import torch_fidelity
-    from data import build_dataset
 
     class U8(torch.utils.data.Dataset):                                     # torch-fidelity wants uint8
         def __init__(self, x): self.x = x
@@ -47,7 +54,6 @@ def fidelity(samples, args, train_args):
 
 def frechet_distance(f1, f2):
     """Frechet distance between Gaussians fitted to two feature sets (N, D): the formula of FID."""
-    import numpy as np
     from scipy import linalg
     mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2).real
@@ -61,7 +67,6 @@ def toy_scores(samples, labels, classifier):
     the class the sample was asked for, and the colour spread: the per-channel pixel std of the
     samples over that of the data, averaged over channels (1 = as varied in colour as the data).
     samples: (N, C, H, W) in [-1, 1]."""
-    from data import ToyShapes
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()
@@ -75,31 +80,22 @@ def toy_scores(samples, labels, classifier):
 def toy_colour_error(model, n=500, batch=250):
     """Reconstruction colour error on toy images: mean absolute difference between the mean colour
     of x and of D(f(E(x))) (null class, r = 0), per image and channel, in 0-255 units."""
-    from data import ToyShapes
     ds = ToyShapes()
     x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
     rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
     return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item()
 
 
+@script
 def main(argv=None):
-    import argparse
-    import os
-
-    import numpy as np
-    from torchvision.utils import save_image
-    from tqdm import tqdm
-
-    import torch.distributed as dist
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", default="4", help="decoder passes; a list like 1,2,4 sweeps")
     p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), default=None,
-                   help="samples per steps setting (default: 8 per class, or 64); under torchrun write --num_samples")
+                   help="samples per steps setting (default: 8 per class, or 64)")
     p.add_argument("--classes", default="all", help="'all' or a list like 3,5 (balanced over them)")
-    p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off, guidance for > 1 (ImageNet: 1.4 combo)")
+    p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
     p.add_argument("--gamma", type=float, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
     p.add_argument("--noise", default="shared", choices=["shared", "independent"])
@@ -114,8 +110,7 @@ def main(argv=None):
     p.add_argument("--is", dest="is_", action="store_true", help="Inception Score (torch-fidelity)")
     p.add_argument("--ref", default=None, help="FID reference: an image folder (default: the training set)")
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
-    p.add_argument("--toy_metrics", action="store_true",
-                   help="toy data: Frechet distance and class accuracy in a small toy classifier's features (offline)")
+    p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
@@ -126,15 +121,11 @@ def main(argv=None):
         die(f"--steps must be integers like 1,2,4, got {args.steps!r}")
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {args.steps}")
-    try:
-        model, train_args = load_model(args.ckpt, args.device)
-    except DataError as err:
-        die(str(err))
+    world, rank, device = init_distributed(args.device)
+    model, train_args = load_model(args.ckpt, device)
     cfg = model.cfg
-    if cfg.num_classes == 0 and args.cfg != 1.0:
-        die("CFG needs a class-conditional model; this one is unconditional (use --cfg 1)")
-    if cfg.num_classes == 0 and args.classes != "all":
-        die("--classes needs a class-conditional model; this one is unconditional")
+    if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes != "all"):
+        die("--cfg and --classes need a class-conditional model; this one is unconditional (use --cfg 1)")
     try:
         classes = list(range(cfg.num_classes)) if args.classes == "all" else [int(c) for c in args.classes.split(",")]
     except ValueError:
@@ -143,69 +134,60 @@ def main(argv=None):
         die(f"class ids must be in 0..{cfg.num_classes - 1}, got {args.classes}")
     if args.toy_metrics and train_args["dataset"] != "toy":
         die("--toy_metrics is for models trained on the toy data")
-    args.n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
+    n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     alpha = args.alpha if args.alpha is not None else train_args["alpha"]
     if args.compile:                                                        # encode/decode are not forward():
         model.encoder.compile(), model.decoder.compile()                    # compile the networks in place
-    net = model
-    autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    out_base = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
-    # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
-    # seed (args.seed, i), so the samples do not depend on the number of processes.
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-
-    # labels balanced over the chosen classes, grouped so grid rows are classes
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
     if args.toy_metrics and rank == 0:
         print(f"reconstruction colour error {toy_colour_error(model):.1f} / 255 (mean colour per image and channel)")
-    y_all = torch.tensor([classes[i * len(classes) // args.n] for i in range(args.n)]) if cfg.num_classes else None
-    starts = list(range(0, args.n, args.batch_size))
+    # labels balanced over the chosen classes, grouped so grid rows are classes
+    labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
+    starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
+
     for steps in steps_list:
+        # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
+        # seed (args.seed, i), so the samples do not depend on the number of processes.
         mine, first = [], None
-        for i in tqdm(starts[rank::world], desc=f"{steps} step(s)", leave=False, disable=rank > 0):
-            g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + i)
-            b = min(args.batch_size, args.n - i)
-            e = torch.randn(b, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=args.device)
-            y = None if y_all is None else y_all[i:i + b].to(args.device)
+        for i in tqdm(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)
+            b = min(args.batch_size, n - i)
+            e = torch.randn(b, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
+            y = None if labels is None else labels[i:i + b].to(device)
             with torch.inference_mode(), autocast:
-                xs = generate(net, e, y, steps, sigma_max(alpha), args.gamma, args.cfg, args.cfg_position,
+                xs = generate(model, e, y, steps, sigma_max(alpha), args.gamma, args.cfg, args.cfg_position,
                               args.noise, generator=g)
-            u8 = ((xs[-1].float() * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).cpu()  # (b, C, H, W)
-            mine.append((i, u8, torch.full((b,), -1) if y is None else y.cpu()))
+            mine.append((i, ((xs[-1].float() * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).cpu()))
             if i == 0:                                                      # each step's image, first 16 samples
                 first = torch.stack([x[:16].float().cpu() for x in xs])   # (steps, 16, C, H, W)
         if world > 1:
-            gathered = [None] * world if rank == 0 else None
-            dist.gather_object(mine, gathered, dst=0)
-            mine = [item for part in gathered for item in part] if rank == 0 else mine
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+            mine = sum(parts, []) if rank == 0 else mine
         error = None
         if rank == 0:                                                       # rank 0 writes; the others wait below
-            mine.sort(key=lambda item: item[0])
-            u8, labels = torch.cat([m[1] for m in mine]), torch.cat([m[2] for m in mine])   # (n, C, H, W), (n,)
-            final = u8.float() / 255
+            u8 = torch.cat([x for _, x in sorted(mine, key=lambda m: m[0])])   # (n, C, H, W) uint8
+            y = torch.full((n,), -1) if labels is None else labels
             suffix = f"_{steps}step" if len(steps_list) > 1 else ""
-            root, ext = os.path.splitext(out_base)
-            os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
-            by_class = cfg.num_classes and len(classes) <= 32 and args.n <= 512
-            save_image(final[:512], f"{root}{suffix}{ext}", nrow=max(1, args.n // len(classes)) if by_class else 16)
-            print(f"wrote {root}{suffix}{ext} ({args.n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
+            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+            by_class = cfg.num_classes and len(classes) <= 32 and n <= 512
+            save_image(u8[:512] / 255, root + suffix + ext, nrow=max(1, n // len(classes)) if by_class else 16)
+            print(f"wrote {root}{suffix}{ext} ({n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
             if args.per_step:                                                   # rows = samples, columns = steps
                 save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
                 print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
             if args.out_dir:
-                d = args.out_dir + suffix
-                os.makedirs(d, exist_ok=True)
+                os.makedirs(args.out_dir + suffix, exist_ok=True)
                 for j, x in enumerate(u8):
-                    save_image(x.float() / 255, os.path.join(d, f"{j:06d}.png"))
+                    save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
             if args.npz:
                 path = args.npz.replace(".npz", f"{suffix}.npz")
-                np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+                np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
                 print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
             if args.toy_metrics:
-                from data import toy_classifier
                 clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
-                m = toy_scores(final * 2 - 1, labels, clf)
+                m = toy_scores(u8 / 255 * 2 - 1, y, clf)
                 print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
                       f"colour spread {m['colour_spread']:.2f} (data: 1)")
             if args.fid or args.is_:
