@@ -4,18 +4,15 @@ A training step of the Sphere Encoder (Eq. 4-10) runs the encoder twice (x and t
 E(D(v_NOISY)) of Eq. 9) and the decoder once on a doubled batch, so its FLOPs per image are
 3 x (2 encoder + 2 decoder forward FLOPs) (backward ~ 2x forward). The model's own estimate
 (SphereEncoder.flops_per_image) is checked against torch's FlopCounterMode in the same run.
-MFU is reported against the known dense bf16 peak of the GPU (H100/H200/A100) and, on any
-machine, against a large matmul measured in the same run, so the CPU figure is a ratio too.
+MFU is reported against the dense bf16 peak of known GPUs and, on any machine, against a large
+matmul measured in the same run. Under torchrun (DDP, or FSDP with --fsdp) only the training step
+is measured: img/s over all GPUs and peak memory per GPU; --batch_size is per GPU there.
 
     python bench.py                                   # tiny preset on the CPU
     python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU
     torchrun --nproc_per_node=8 bench.py --model XL --dataset imagenet --batch_size 16 --fsdp --grad_ckpt
-
-Under torchrun (DDP, or FSDP with --fsdp) it measures the training step only: img/s over all GPUs
-and peak memory per GPU; --batch_size is per GPU there.
 """
 import argparse
-import os
 import time
 from contextlib import nullcontext
 
@@ -24,9 +21,9 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import at_least, die
+from data import at_least, die, script
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import LATENTS, SIZES, SphereEncoder, make_config, shard
+from model import LATENTS, SIZES, SphereEncoder, init_distributed, make_config, shard
 from spherify import generate, noise_levels
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 tensor-core FLOP/s
@@ -34,17 +31,14 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 tens
 
 def timed(fn, device, iters):
     """Median wall time of fn() over iters runs, after one warm-up (which also compiles)."""
-    fn()
-    times = []
-    for _ in range(iters):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    def once():
         t = time.perf_counter()
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - t
+    once()
+    return sorted(once() for _ in range(iters))[iters // 2]
 
 
 def matmul_peak(device, iters):
@@ -54,8 +48,7 @@ def matmul_peak(device, iters):
     return 2 * n ** 3 / timed(lambda: a @ b, device, iters)
 
 
-def bench(args, compile_model, world=1):
-    dev = args.device
+def bench(args, compile_model, world, dev):
     cfg = make_config(args.model, args.dataset)
     torch.manual_seed(0)
     model = SphereEncoder(cfg).to(dev)
@@ -66,13 +59,13 @@ def bench(args, compile_model, world=1):
         model.encoder.compile(), model.decoder.compile()
     net = model
     if world > 1 and not args.fsdp:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev.startswith("cuda") else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith("cuda") else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
     perceptual = load_perceptual(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.startswith("cuda") else nullcontext()
     B = args.batch_size
     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
-    y = torch.randint(0, max(cfg.num_classes, 1), (B,), device=dev) if cfg.num_classes else None
+    y = torch.randint(0, cfg.num_classes, (B,), device=dev) if cfg.num_classes else None
     w = LossWeights(1.0, 1.0 if perceptual else 0.0, 0.5, 0.5 if perceptual else 0.0, 0.1)
 
     def step():
@@ -87,10 +80,12 @@ def bench(args, compile_model, world=1):
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_step = timed(step, dev, args.iters)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.startswith("cuda") else float("nan")
-    if world > 1:                                               # distributed: the step is what we measure
-        return dict(t_step=t_step, img_s=world * B / t_step, mem=mem, flops_est=3 * (2 * sum(model.flops_per_image().values())),
-                    params=model.num_params())                     # DTensor numel is the global size
+    f = model.flops_per_image()
+    r = dict(t_step=t_step, img_s=world * B / t_step, flops_est=3 * (2 * f["encoder"] + 2 * f["decoder"]),
+             mem=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.startswith("cuda") else float("nan"),
+             params=model.num_params())                                 # DTensor numel is the global size
+    if world > 1:                                                   # distributed: the step is what we measure
+        return r
 
     # where the time goes: each part alone, forward + backward as in a step
     def fwd_bwd(fn):
@@ -98,36 +93,31 @@ def bench(args, compile_model, world=1):
             with autocast:
                 out = fn()
             out.float().square().mean().backward()
-        return run
+        return timed(run, dev, args.iters)
     z = torch.randn(2 * B, cfg.grid, cfg.grid, cfg.latent_dim, device=dev)
-    y2 = None if y is None else y.repeat(2)
-    split = {"encoder (x2)": 2 * timed(fwd_bwd(lambda: model.encode(x, y)), dev, args.iters),
-             "decoder (2B)": timed(fwd_bwd(lambda: model.decode(z, y2)), dev, args.iters)}
+    r["split"] = {"encoder (x2)": 2 * fwd_bwd(lambda: model.encode(x, y)),
+                  "decoder (2B)": fwd_bwd(lambda: model.decode(z, None if y is None else y.repeat(2)))}
     if perceptual is not None:
         xx = torch.cat([x, x]).requires_grad_()
-        split["perceptual (2B)"] = timed(fwd_bwd(lambda: perceptual(xx, torch.cat([x, x]))), dev, args.iters)
+        r["split"]["perceptual (2B)"] = fwd_bwd(lambda: perceptual(xx, torch.cat([x, x])))
     step()                                                          # leaves optimizer state allocated
-    split["optimizer"] = timed(opt.step, dev, args.iters)
+    r["split"]["optimizer"] = timed(opt.step, dev, args.iters)
     model.zero_grad(set_to_none=True)
 
-    # FLOPs: the model's estimate vs torch's counter (math SDPA so attention is counted)
-    f = model.flops_per_image()
-    est = 3 * (2 * f["encoder"] + 2 * f["decoder"])
+    # FLOPs counted by torch, to check the model's estimate (math SDPA so attention is counted)
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), autocast:
         sigma, sub = noise_levels(1, 80, 85, device=dev)
-        sphere_losses(x[:1], *model(x[:1], None if y is None else y[:1], sigma, sub), w).get("total").backward()
+        sphere_losses(x[:1], *model(x[:1], None if y is None else y[:1], sigma, sub), w)["total"].backward()
     model.zero_grad(set_to_none=True)
-    sampling = {}
+    r["flops_counted"], r["sampling"] = fc.get_total_flops(), {}
     for steps in (1, 2, 4):
         e = torch.randn(B, cfg.grid, cfg.grid, cfg.latent_dim, device=dev)
-        def sample_once():
-            with torch.inference_mode(), autocast:
-                generate(net, e, y, steps)
-        sampling[steps] = B / timed(sample_once, dev, args.iters)
-    return dict(t_step=t_step, img_s=B / t_step, flops_est=est, flops_counted=fc.get_total_flops(), mem=mem,
-                split=split, sampling=sampling, params=model.num_params())
+        with torch.inference_mode(), autocast:
+            r["sampling"][steps] = B / timed(lambda: generate(net, e, y, steps), dev, args.iters)
+    return r
 
 
+@script
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
@@ -137,29 +127,21 @@ def main(argv=None):
     p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
-    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory, ~1.3x compute)")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank, dev = init_distributed(args.device)
     if args.fsdp and world == 1:
-        p.error("--fsdp needs a torchrun launch with 2 or more processes")
-    if args.device.startswith("cuda") and world > 1:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
-    if world > 1:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    dev = args.device
-    if dev.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        die("--fsdp needs a torchrun launch with 2 or more processes")
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     known = next((v for k, v in PEAK_BF16.items() if k in name), None)
     measured = matmul_peak(dev, args.iters)
     print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
-          + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))
+           + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))
     for mode in (["eager", "compile"] if args.compile else ["eager"]):
-        r = bench(args, mode == "compile", world)
+        r = bench(args, mode == "compile", world, dev)
         tflops = r["flops_est"] * r["img_s"]                           # over all processes
         par = f", {'FSDP' if args.fsdp else 'DDP'} x {world}" if world > 1 else ""
         print0(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}{par}] {args.model} / {args.dataset}: "
@@ -177,6 +159,7 @@ def main(argv=None):
         print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in r["sampling"].items()))
     if world > 1:
         dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
