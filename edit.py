@@ -18,9 +18,10 @@ import argparse
 import os
 
 import torch
+from torchvision.utils import save_image
 
-from data import DataError, at_least, build_dataset, die
-from model import load_model
+from data import at_least, die, script
+from model import load_model_and_data
 from spherify import generate, refine, sampling_r, sigma_max, spherify
 
 
@@ -88,10 +89,8 @@ def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=Non
     return refine(model, x, target, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
 
 
+@script
 def main(argv=None):
-    from torchvision.utils import save_image
-
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
@@ -108,14 +107,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        model, targs = load_model(args.ckpt, args.device)
-        ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
-                              model.cfg.image_size)
         idx = [int(i) for i in args.images.split(",")]
-    except DataError as err:
-        die(str(err))
     except ValueError:
         die(f"--images must be integers like 0,1, got {args.images!r}")
+    model, targs, ds = load_model_and_data(args)
     if any(not 0 <= i < len(ds) for i in idx):
         die(f"--images must be in 0..{len(ds) - 1}")
     need = {"interp": 2, "crossover": 2}.get(args.command, 1)

@@ -19,8 +19,8 @@ matplotlib.use("Agg")                      # headless
 import matplotlib.pyplot as plt
 import torch
 
-from data import DataError, at_least, build_dataset, die
-from model import load_model
+from data import at_least, die, script
+from model import load_model_and_data
 from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
 
 
@@ -56,6 +56,12 @@ def encode_dataset(model, ds, n, device, batch=256):
     return torch.cat(vs), torch.cat(ys)
 
 
+def save(fig, out):
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
 def sphere_axes(fig, pos, title):
     ax = fig.add_subplot(*pos, projection="3d")
     ax.set_title(title, fontsize=9)
@@ -75,9 +81,7 @@ def plot_spheres(v, y, prior, out, views=3, seed=0):
             p = project(pts, P)
             colors = "gray" if col is None else plt.cm.tab10(col.numpy() % 10)
             ax.scatter(*p.T, color=colors, s=3, alpha=0.6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save(fig, out)
 
 
 def plot_per_class(v, y, out, seed=0):
@@ -88,9 +92,7 @@ def plot_per_class(v, y, out, seed=0):
     for k, c in enumerate(classes):
         ax = sphere_axes(fig, (1, len(classes), k + 1), f"class {c}")
         ax.scatter(*project(v[y == c], P).T, color=plt.cm.tab10(k % 10), s=4, alpha=0.7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save(fig, out)
 
 
 def plot_noise(v, trajectory, alpha, band, out):
@@ -125,9 +127,7 @@ def plot_noise(v, trajectory, alpha, band, out):
     for k, pts in enumerate(path):
         ax.plot(*pts.T, "-o", ms=3, color=plt.cm.tab10(k % 10))
         ax.scatter(*pts[-1], marker="*", s=60, color=plt.cm.tab10(k % 10))
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save(fig, out)
 
 
 def plot_uniformity(v, prior, stats, out):
@@ -141,11 +141,10 @@ def plot_uniformity(v, prior, stats, out):
                 label=f"{name}: U {stats[name]['uniformity']:.3f}, cos std {stats[name]['cos_std']:.2f}")
     ax.set(xlabel="pairwise cosine x sqrt(L)", ylabel="density", title="coverage of the sphere (uniform: U ~ -4, std ~ 1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save(fig, out)
 
 
+@script
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
@@ -159,12 +158,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.isfile(args.ckpt):
         die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
-    try:
-        model, targs = load_model(args.ckpt, args.device)
-        ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
-                              model.cfg.image_size)
-    except DataError as err:
-        die(str(err))
+    model, targs, ds = load_model_and_data(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
