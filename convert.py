@@ -18,43 +18,33 @@ from dataclasses import asdict
 
 import torch
 
-from data import DataError
-from model import SIZES, Config, SphereEncoder
+from data import DataError, die, script
+from model import SIZES, Config, SphereEncoder, read_checkpoint, save_checkpoint
 
 HEADS = {w: h for w, _, h in SIZES.values() if w >= 512}           # released widths -> heads
 DATASET_BY_CLASSES = {1000: "imagenet", 102: "flowers", 10: "cifar10", 0: "folder"}
 
-# release key (after "encoder." / "decoder.") -> ours, first match wins
+# released key -> ours: every rule, in this order, on the whole key
 RULES = [
-    (r"^x_embedder\.0\.weight$", "patch.weight"),                       # encoder: patch conv
-    (r"^x_embedder\.1\.(weight|bias)$", r"proj.\1"),                    # encoder: 1x1 conv
-    (r"^y_embedder\.embedding_table\.", "vit.y_embed."),
-    (r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"vit.blocks.\1.ada.1."),
-    (r"^blocks\.(\d+)\.", r"vit.blocks.\1."),                            # norm1/2, attn.qkv/proj, mlp.w12/w3
-    (r"^ffn\.linear\.", "out."),                                        # last Linear (width -> d / pixels)
-    (r"^ffn\.norm\.", "vit.norm.norm."),
-    (r"^ffn\.adaLN_modulation\.1\.", "vit.norm.ada.1."),
+    (r"^encoder\.out\.", "encoder.mixer."),                            # the encoder's Mixer (before ffn.linear -> out)
+    (r"^decoder\.x_embedder\.1\.", "decoder.mixer."),                   # the decoder's Mixer
+    (r"\.tok_mixer\.mix\.", ".token_mix."), (r"\.chn_mixer\.mix\.", ".channel_mix."),
+    (r"^encoder\.x_embedder\.0\.", "encoder.patch."), (r"^encoder\.x_embedder\.1\.", "encoder.proj."),  # convs
+    (r"^decoder\.x_embedder\.0\.", "decoder.inp."),                      # the decoder's input Linear
+    (r"\.y_embedder\.embedding_table\.", ".vit.y_embed."),
+    (r"^(encoder|decoder)\.blocks\.", r"\1.vit.blocks."),               # norm1/2, attn.qkv/proj, mlp.w12/w3
+    (r"\.adaLN_modulation\.1\.", ".ada.1."),
+    (r"\.ffn\.norm\.", ".vit.norm.norm."), (r"\.ffn\.ada\.", ".vit.norm.ada."),
+    (r"\.ffn\.linear\.", ".out."),                                      # last Linear (width -> d / pixels)
+    (r"^decoder\.out\.2\.", "decoder.conv.0."), (r"^decoder\.out\.4\.", "decoder.conv.2."),   # pixel-head convs
 ]
-MIXER = {"encoder": r"^out\.", "decoder": r"^x_embedder\.1\."}          # where each net keeps its Mixer
-MIXER_RULES = [(r"\.tok_mixer\.mix\.", ".token_mix."), (r"\.chn_mixer\.mix\.", ".channel_mix.")]
-DECODER_RULES = [(r"^x_embedder\.0\.", "inp."), (r"^out\.4\.", "conv.2.")]  # input Linear, ConvTranspose2d
 
 
 def rename(key, pixel_head):
-    """One released key -> ours; None for the fixed tables we recompute (positions, RoPE)."""
-    net, _, rest = key.partition(".")
-    if rest in ("pos_embed", "rope"):
-        return None
-    if net in MIXER and re.match(MIXER[net], rest):                    # Mixer: rename every part
-        rest = re.sub(MIXER[net], "mixer.", rest)
-        for a, b in MIXER_RULES:
-            rest = re.sub(a, b, rest)
-        return f"{net}.{rest}"
-    first_conv = [(r"^out\.2\.", "conv.0." if pixel_head == "conv" else "conv.")]   # either head's first conv
-    for a, b in (DECODER_RULES + first_conv if net == "decoder" else []) + RULES:
-        if re.match(a, rest):
-            return f"{net}." + re.sub(a, b, rest, count=1)
-    return key                                                          # unknown: convert() names it
+    """One released key -> ours (an unknown key comes back unmatched: convert() names it)."""
+    for a, b in RULES:
+        key = re.sub(a, b, key)
+    return key.replace("decoder.conv.0.", "decoder.conv.") if pixel_head == "linear" else key   # its one conv
 
 
 def infer_config(sd):
@@ -73,11 +63,10 @@ def infer_config(sd):
         if w not in HEADS:
             raise DataError(f"{name} width {w} fits no released size (widths {sorted(HEADS)})")
     d = need("encoder.ffn.linear.weight").shape[0]
-    N = need("encoder.out.blocks.0.tok_mixer.mix.0.weight").shape[0] if "encoder.out.blocks.0.tok_mixer.mix.0.weight" in sd \
-        else 0
     enc_mix, dec_mix = count("encoder.out.blocks."), count("decoder.x_embedder.1.blocks.")
     if enc_mix == 0 or enc_mix != dec_mix:
         raise DataError(f"Mixer depths encoder {enc_mix}, decoder {dec_mix}: this implementation needs equal, >= 1")
+    N = need("encoder.out.blocks.0.tok_mixer.mix.0.weight").shape[0]    # latent tokens
     grid = math.isqrt(N)
     if grid * grid != N:
         raise DataError(f"{N} latent tokens is no square grid")
@@ -98,9 +87,9 @@ def convert(released):
     cfg = infer_config(released)
     out, gates, source = {}, {}, {}
     for k, v in released.items():
-        new = rename(k, cfg.pixel_head)
-        if new is None:
+        if k.endswith(("pos_embed", "rope")):                            # fixed tables, we recompute them
             continue
+        new = rename(k, cfg.pixel_head)
         source[new] = k
         v = torch.as_tensor(v, dtype=torch.float32)
         m = re.match(r"(.*mixer\.blocks\.\d+)\.alpha([12])$", new)
@@ -124,8 +113,8 @@ def convert(released):
     return cfg, out
 
 
+@script
 def main(argv=None):
-    from data import die
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     p.add_argument("src", help="a released checkpoint (.pth)")
@@ -138,24 +127,20 @@ def main(argv=None):
     if not os.path.isfile(args.src):
         die(f"no file at {args.src!r}")
     try:
-        ckpt = torch.load(args.src, map_location="cpu", weights_only=True)   # files from the internet
-    except Exception as err:
-        die(f"cannot read {args.src!r} as a torch checkpoint: {str(err).splitlines()[0]}")
+        ckpt = read_checkpoint(args.src)                                    # weights_only: files from the internet
+    except DataError as err:
+        die(f"cannot read the release: {err}")
     key = "ema_model" if args.ema else "model"
     if not isinstance(ckpt, dict) or key not in ckpt:
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         die(f"{args.src!r} is not a released checkpoint: no {key!r} entry (found {found})")
-    try:
-        cfg, sd = convert(ckpt[key])
-    except DataError as err:
-        die(str(err))
+    cfg, sd = convert(ckpt[key])
     alpha = args.alpha or (80.0 if cfg.image_size <= 64 else 85.0)     # REFERENCE.md Sec. 3
     targs = dict(dataset=args.dataset or DATASET_BY_CLASSES.get(cfg.num_classes, "folder"), data_dir=args.data_dir,
                  image_size=cfg.image_size, alpha=alpha, band=min(alpha + 5, 89), converted_from=args.src,
                  epoch=ckpt.get("epoch"), ema=args.ema)
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    torch.save({"model": sd, "config": asdict(cfg), "args": targs, "step": 0}, args.dst + ".tmp")
-    os.replace(args.dst + ".tmp", args.dst)
+    save_checkpoint({"model": sd, "config": asdict(cfg), "args": targs, "step": 0}, args.dst)
     n = sum(v.numel() for v in sd.values())
     print(f"wrote {args.dst}: {n / 1e6:.1f}M params, {cfg.image_size}px, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim}, "
           f"enc {cfg.enc_width}x{cfg.enc_depth}, dec {cfg.dec_width}x{cfg.dec_depth}, {cfg.pixel_head} head, "
