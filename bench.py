@@ -12,7 +12,6 @@ is measured: img/s over all GPUs and peak memory per GPU; --batch_size is per GP
     python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU
     torchrun --nproc_per_node=8 bench.py --model XL --dataset imagenet --batch_size 16 --fsdp --grad_ckpt
 """
-import argparse
 import time
 from contextlib import nullcontext
 
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import at_least, die, script
+from data import at_least, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import LATENTS, SIZES, SphereEncoder, init_distributed, make_config, shard
 from spherify import generate, noise_levels
@@ -119,8 +118,7 @@ def bench(args, compile_model, world, dev):
 
 @script
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = die
+    p = parser(__doc__)
     p.add_argument("--model", default="tiny", choices=list(SIZES))
     p.add_argument("--dataset", default="toy", choices=list(LATENTS), help="the latent shape")
     p.add_argument("--batch_size", type=at_least(1), default=16)
@@ -129,7 +127,6 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     world, rank, dev = init_distributed(args.device)
     if args.fsdp and world == 1:

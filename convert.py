@@ -10,7 +10,6 @@ heads (from the width, REFERENCE.md Sec. 2 sizes), latent shape, Mixer depth, pi
     python convert.py sphere-l-imagenet/ep0800.pth out/sphere-l-imagenet/last.pt --ema
     python sample.py --ckpt out/sphere-l-imagenet/last.pt --steps 1,4 --cfg 1.4   # model card settings
 """
-import argparse
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from data import DataError, die, script
+from data import DataError, die, parser, script
 from model import SIZES, Config, SphereEncoder, read_checkpoint, save_checkpoint
 
 HEADS = {w: h for w, _, h in SIZES.values() if w >= 512}           # released widths -> heads
@@ -115,8 +114,7 @@ def convert(released):
 
 @script
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = die
+    p = parser(__doc__, device=False)
     p.add_argument("src", help="a released checkpoint (.pth)")
     p.add_argument("dst", help="where to write our checkpoint (e.g. out/sphere-l-imagenet/last.pt)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (ema_model)")

@@ -39,6 +39,23 @@ def script(main):
     return run
 
 
+def parser(doc, device=True):
+    """A script's argparse: --help shows its docstring, a bad flag is one line (die); --device (cuda if any)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = die
+    if device:
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def int_list(text):
+    """An argparse type: integers like 1,2,4 (or 'all': None)."""
+    try:
+        return None if text == "all" else [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be integers like 1,2,4 (or 'all'), got {text!r}") from None
+
+
 def at_least(low, cast=int):
     """An argparse type: a number >= low, else argparse's one-line error (exit 2 with p.error = die)."""
     def parse(text):
@@ -47,7 +64,8 @@ def at_least(low, cast=int):
                 return cast(text)
         except ValueError:
             pass
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if cast is int else 'a number'} >= {low}, got {text!r}")
+        what = "an integer" if cast is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {text!r}")
     return parse
 
 
@@ -222,8 +240,7 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Save a grid of dataset images (rows = classes), or --check it.")
-    p.error = die
+    p = parser("Save a grid of dataset images (rows = classes), or --check it.", device=False)
     p.add_argument("--dataset", default="toy", choices=["toy", *WHERE])
     p.add_argument("--data_dir", default=None)
     p.add_argument("--image_size", type=at_least(1), default=32)

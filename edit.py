@@ -14,13 +14,12 @@ Images are picked by index from the checkpoint's training set (or --dataset / --
     python edit.py crossover  --ckpt out/toy/last.pt --images 0,5
     python edit.py manipulate --ckpt out/toy/last.pt --images 0,1,2 --target 7
 """
-import argparse
 import os
 
 import torch
 from torchvision.utils import save_image
 
-from data import at_least, die, script
+from data import at_least, die, int_list, parser, script
 from model import load_model_and_data
 from spherify import generate, refine, sampling_r, sigma_max, spherify
 
@@ -91,11 +90,10 @@ def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=Non
 
 @script
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = die
+    p = parser(__doc__)
     p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
     p.add_argument("--ckpt", default="out/toy/last.pt")
-    p.add_argument("--images", default="0,1,2,3", help="dataset indices, comma-separated")
+    p.add_argument("--images", type=int_list, default="0,1,2,3", help="dataset indices, comma-separated")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--target", type=at_least(0), default=None, help="manipulate: the target class (required); grid: the class")
@@ -104,12 +102,8 @@ def main(argv=None):
     p.add_argument("--gamma", type=at_least(0.0, float), default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG (default: <ckpt dir>/<command>.png)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    try:
-        idx = [int(i) for i in args.images.split(",")]
-    except ValueError:
-        die(f"--images must be integers like 0,1, got {args.images!r}")
+    idx = args.images or []
     model, targs, ds = load_model_and_data(args)
     if any(not 0 <= i < len(ds) for i in idx):
         die(f"--images must be in 0..{len(ds) - 1}")

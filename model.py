@@ -11,7 +11,6 @@ Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass
 
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
-import math
 import os
 import re
 import time
@@ -466,7 +465,8 @@ def load_model_and_data(args):
     """viz.py, edit.py: the model of --ckpt on --device, its training args, and the images of --dataset /
     --data_dir (default: the checkpoint's) at the model's size."""
     model, targs = load_model(args.ckpt, args.device)
-    ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"), model.cfg.image_size)
+    ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
+                          model.cfg.image_size)
     return model, targs, ds
 
 

@@ -7,7 +7,6 @@ step re-encodes the image, puts it back on the sphere with noise r sigma_max e',
     python sample.py --ckpt out/toy/last.pt --steps 4
     torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
 """
-import argparse
 import os
 from contextlib import nullcontext
 
@@ -17,7 +16,7 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from data import DataError, ToyShapes, at_least, build_dataset, die, script, toy_classifier
+from data import DataError, ToyShapes, at_least, build_dataset, die, int_list, parser, script, toy_classifier
 from model import init_distributed, load_model
 from spherify import generate, sigma_max, spherify
 
@@ -88,13 +87,12 @@ def toy_colour_error(model, n=500, batch=250):
 
 @script
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = die
+    p = parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
-    p.add_argument("--steps", default="4", help="decoder passes; a list like 1,2,4 sweeps")
+    p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
     p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), default=None,
                    help="samples per steps setting (default: 8 per class, or 64)")
-    p.add_argument("--classes", default="all", help="'all' or a list like 3,5 (balanced over them)")
+    p.add_argument("--classes", type=int_list, default="all", help="'all' or a list like 3,5 (balanced over them)")
     p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
     p.add_argument("--gamma", type=float, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
@@ -111,27 +109,20 @@ def main(argv=None):
     p.add_argument("--ref", default=None, help="FID reference: an image folder (default: the training set)")
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
 
-    try:
-        steps_list = [int(s) for s in args.steps.split(",")]
-    except ValueError:
-        die(f"--steps must be integers like 1,2,4, got {args.steps!r}")
+    steps_list = args.steps or [0]
     if min(steps_list) < 1:
-        die(f"--steps must be >= 1, got {args.steps}")
+        die(f"--steps must be >= 1, got {','.join(map(str, steps_list))}")
     world, rank, device = init_distributed(args.device)
     model, train_args = load_model(args.ckpt, device)
     cfg = model.cfg
-    if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes != "all"):
+    if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes is not None):
         die("--cfg and --classes need a class-conditional model; this one is unconditional (use --cfg 1)")
-    try:
-        classes = list(range(cfg.num_classes)) if args.classes == "all" else [int(c) for c in args.classes.split(",")]
-    except ValueError:
-        die(f"--classes must be 'all' or integers like 3,5, got {args.classes!r}")
+    classes = list(range(cfg.num_classes)) if args.classes is None else args.classes
     if any(not 0 <= c < cfg.num_classes for c in classes):
-        die(f"class ids must be in 0..{cfg.num_classes - 1}, got {args.classes}")
+        die(f"class ids must be in 0..{cfg.num_classes - 1}, got {','.join(map(str, classes))}")
     if args.toy_metrics and train_args["dataset"] != "toy":
         die("--toy_metrics is for models trained on the toy data")
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)

@@ -11,7 +11,6 @@ hyperparameters per Sec. 3, 6, App. C.2, D and ../shared/REFERENCE.md Sec. 3-5.
 Writes to --out_dir: last.pt (atomic), ckpt_<step>.pt copies, samples_<step>.png (rows = classes,
 Algorithm 1), recon_<step>.png (originals over reconstructions) and log.jsonl.
 """
-import argparse
 import itertools
 import json
 import math
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from data import DataError, Guarded, at_least, build_dataset, die, script
+from data import DataError, Guarded, at_least, build_dataset, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import (SIZES, Config, SphereEncoder, init_distributed, load_checkpoint, make_config, save_checkpoint,
                    shard)
@@ -58,8 +57,7 @@ DATASETS = {
 
 def get_args(argv=None):
     """The flags, with per-dataset defaults filled in, and the checkpoint to resume from (or None)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = die
+    p = parser(__doc__)
     pos, count, real = at_least(1), at_least(0), at_least(0.0, float)
     p.add_argument("--dataset", default=None, choices=list(DATASETS), help="default: toy (or the checkpoint's)")
     p.add_argument("--data_dir", default=None, help="dataset root (not needed for toy)")
@@ -84,12 +82,11 @@ def get_args(argv=None):
     p.add_argument("--weights", type=real, nargs=5, default=None, metavar="W",
                    help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
     p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
-    p.add_argument("--convnext", type=real, default=0.0, help="perceptual = (LPIPS + w ConvNeXt-S)/(1 + w); released 0.1")
+    p.add_argument("--convnext", type=real, default=0.0, help="perceptual = (LPIPS + w ConvNeXt)/(1 + w); released 0.1")
     p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_workers", type=count, default=None)
     p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction of unreadable images")
     p.add_argument("--log_every", type=pos, default=50)
@@ -243,7 +240,8 @@ def main(argv=None):
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
     if args.batch_size % (world * args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum = {world * args.grad_accum}")
+        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum "
+            f"= {world * args.grad_accum}")
     master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
     print0 = lambda *a: master and print(*a, flush=True)
     check_out_dir(args)

@@ -9,7 +9,6 @@ measured against the prior, so a healthy latent space can be told from a collaps
 
 Writes sphere.png, sphere_per_class.png, noise.png, uniformity.png and prints the numbers.
 """
-import argparse
 import math
 import os
 
@@ -19,7 +18,7 @@ matplotlib.use("Agg")                      # headless
 import matplotlib.pyplot as plt
 import torch
 
-from data import at_least, die, script
+from data import at_least, die, parser, script
 from model import load_model_and_data
 from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
 
@@ -146,15 +145,13 @@ def plot_uniformity(v, prior, stats, out):
 
 @script
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = die
+    p = parser(__doc__)
     p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
     p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--n", type=at_least(2), default=1000, help="images to encode (and prior points)")
     p.add_argument("--steps", type=at_least(1), default=6, help="Algorithm 1 steps for the trajectory")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if not os.path.isfile(args.ckpt):
         die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
