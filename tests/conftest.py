@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_cfg():
     from model import make_config
     return make_config("tiny", "toy", enc_width=32, dec_width=32, enc_depth=1, dec_depth=1,
-                       enc_heads=2, dec_heads=2, latent_dim=8, mixer_depth=1)
+                       enc_heads=2, dec_heads=2, patch_size=4, latent_dim=8, mixer_depth=1, pixel_head="conv")
 
 
 def randomize_zero_inits(model, seed=0):
