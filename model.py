@@ -376,12 +376,13 @@ class SphereEncoder(nn.Module):
 
     def flops_per_image(self):
         """Forward matmul FLOPs per image (2 per multiply-add), {"encoder", "decoder"}: every
-        Linear counts 2 * rows * in * out, attention 4 * N^2 * width per layer."""
+        Linear counts 2 * rows * in * out, attention 4 * N^2 * width per layer, AdaLN once per image."""
         cfg, N, P, C = self.cfg, self.cfg.grid ** 2, self.cfg.patch_size, self.cfg.channels
 
         def vit(w, depth):
             hidden = int(2 / 3 * cfg.mlp_ratio * w)
-            return depth * (2 * N * (4 * w * w + 3 * w * hidden) + 4 * N * N * w)
+            ada = (depth * 12 * w * w + 4 * w * w) if cfg.num_classes else 0    # shift/scale/gate from c
+            return depth * (2 * N * (4 * w * w + 3 * w * hidden) + 4 * N * N * w) + ada
 
         def mixer(D):                                                       # token + channel mixing
             return cfg.mixer_depth * (2 * D * 2 * N * N + 2 * N * 4 * D * D)
@@ -389,7 +390,8 @@ class SphereEncoder(nn.Module):
         w, d = cfg.enc_width, cfg.latent_dim
         enc = 2 * N * (C * P * P * w + w * w + w * d) + vit(w, cfg.enc_depth) + mixer(d)
         w = cfg.dec_width
-        head = 2 * N * w * P * P * C if cfg.pixel_head == "linear" else 2 * N * w * 32
+        head = (2 * N * w * P * P * C + 2 * 9 * C * C * N * P * P if cfg.pixel_head == "linear"  # + 3x3 conv
+                else 2 * N * (w * 32 + 9 * 32 * 32 + 32 * C * (P + 2) ** 2))                # conv, ConvTranspose
         dec = 2 * N * d * w + mixer(w) + vit(w, cfg.dec_depth) + head
         return {"encoder": enc, "decoder": dec}
 
