@@ -1,12 +1,8 @@
 """Benchmark one training step and sampling: img/s, TFLOP/s, MFU, memory, where the time goes.
 
-A training step of the Sphere Encoder (Eq. 4-10) runs the encoder twice (x and the re-encoding
-E(D(v_NOISY)) of Eq. 9) and the decoder once on a doubled batch, so its FLOPs per image are
-3 x (2 encoder + 2 decoder forward FLOPs) (backward ~ 2x forward). The model's own estimate
-(SphereEncoder.flops_per_image) is checked against torch's FlopCounterMode in the same run.
-MFU is reported against the dense bf16 peak of known GPUs and, on any machine, against a large
-matmul measured in the same run. Under torchrun (DDP, or FSDP with --fsdp) only the training step
-is measured: img/s over all GPUs and peak memory per GPU; --batch_size is per GPU there.
+A step (Eq. 4-10) runs the encoder twice (x, and E(D(v_NOISY)) of Eq. 9) and the decoder on 2B, so
+FLOPs/img = 3 x (2 enc + 2 dec forward); the estimate is checked against torch's FlopCounterMode. MFU vs
+known GPUs' bf16 peak and a matmul measured now. Under torchrun only the step; --batch_size is per GPU.
 
     python bench.py                                   # tiny preset on the CPU
     python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU

@@ -1,11 +1,8 @@
 """Convert a checkpoint of the authors' release (a .pth of {"model", "epoch", "ema_model"?}) into
 this project's checkpoint format, so sample.py, viz.py and edit.py read it unchanged.
 
-The release names its layers differently but computes the same function as model.py: the same
-layer order (REFERENCE.md Sec. 2), and model.py adopts the release's conventions where they are
-arbitrary (sin-cos channel order, RoPE channel pairs, the pixel head's (c, p1, p2) token order),
-so conversion is renaming keys. The config is read off the shapes: widths, depths (block counts),
-heads (from the width, REFERENCE.md Sec. 2 sizes), latent shape, Mixer depth, pixel head, classes.
+The release computes model.py's function (layer order per REFERENCE.md Sec. 2, its arbitrary conventions
+adopted), so conversion renames keys; the config is read off the shapes (heads from the width).
 
     python convert.py sphere-l-imagenet/ep0800.pth out/sphere-l-imagenet/last.pt --ema
     python sample.py --ckpt out/sphere-l-imagenet/last.pt --steps 1,4 --cfg 1.4   # model card settings
@@ -81,8 +78,7 @@ def infer_config(sd):
 
 
 def convert(released):
-    """Released state dict -> (Config, our state dict). Mixer gates alpha1, alpha2 (tensors of
-    shape (1,) or Python floats) become our a = [alpha1, alpha2]."""
+    """Released state dict -> (Config, ours); Mixer gates alpha1, alpha2 become a = [alpha1, alpha2]."""
     cfg = infer_config(released)
     out, gates, source = {}, {}, {}
     for k, v in released.items():

@@ -1,9 +1,6 @@
-"""Datasets: an embedded procedural toy set (the default: no download), CIFAR-10, ImageNet,
-Oxford Flowers-102 and any ImageFolder tree. Every dataset yields (image, label) with the image
-(3, H, W) in [-1, 1] and label an int (ignored when the model is unconditional). The random horizontal
-flip (Sec. 3) is applied to the batch in train.py, so datasets stay deterministic per index.
-Bad input never ends in a traceback: die() prints one line and exits 2; a file that cannot be read
-is skipped in training (Guarded) and listed by --check.
+"""Datasets: a procedural toy set (the default, no download), CIFAR-10, ImageNet, Flowers-102, any
+ImageFolder tree; each yields (image (3, H, W) in [-1, 1], int label). The h-flip (Sec. 3) is in train.py.
+Bad input never ends in a traceback: die() prints one line, exit 2; unreadable files are skipped (Guarded).
 
     python data.py --dataset toy --out toy.png     # a grid of 10 toy images per class
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
@@ -23,13 +20,13 @@ class DataError(Exception):
 
 
 def die(msg, code=2):
-    """Bad input: one clear line on stderr and exit code 2, no traceback (also argparse's p.error)."""
+    """Bad input: one line on stderr, exit code 2, no traceback (also argparse's p.error)."""
     print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
 def script(main):
-    """Wraps a script's main(argv): a DataError anywhere in it ends the script with its one line (die)."""
+    """Wraps a script's main(argv): a DataError in it ends the script with its one line (die)."""
     @functools.wraps(main)
     def run(argv=None):
         try:
@@ -70,8 +67,7 @@ def at_least(low, cast=int):
 
 
 class ToyShapes(torch.utils.data.Dataset):
-    """10 visually distinct classes, 5 shapes and 5 textures, with random colours, position, size
-    and period. Image i is generated from its own seed, so it is the same in every process."""
+    """10 classes, 5 shapes and 5 textures, random colours, position, size, period; image i from seed i."""
 
     classes = ["disc", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
 
@@ -88,8 +84,7 @@ class ToyShapes(torch.utils.data.Dataset):
 
 
 def toy_image(label, rng, n=32):
-    """One toy image (3, n, n) float32 in [-1, 1]: a foreground colour over a background colour,
-    mixed by an anti-aliased mask (a signed distance in pixels, clipped to [0, 1])."""
+    """One toy image (3, n, n) in [-1, 1]: two colours mixed by an anti-aliased signed-distance mask."""
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
     cx, cy = rng.uniform(0.35, 0.65, 2) * n                     # shape centre
     r = rng.uniform(0.18, 0.32) * n                             # shape size
@@ -122,9 +117,7 @@ def toy_image(label, rng, n=32):
 
 
 class ToyClassifier(torch.nn.Module):
-    """A small CNN for the 10 toy classes: the offline stand-in for Inception, so sample.py can
-    score samples on the toy data (class accuracy, Frechet distance of its features) without a
-    download. features(x) -> (B, 128); forward(x) -> logits (B, 10)."""
+    """A small CNN for the toy classes, sample.py's offline stand-in for Inception: features (B, 128), logits."""
 
     def __init__(self):
         super().__init__()
@@ -140,8 +133,7 @@ class ToyClassifier(torch.nn.Module):
 
 
 def toy_classifier(path, steps=300, device="cpu"):
-    """The toy classifier, trained once (about 30 s on a CPU, on toy images 10000+, never seen in
-    training) and cached at path."""
+    """The toy classifier, trained once (~30 s on CPU, toy images 10000+, unseen in training), cached at path."""
     net = ToyClassifier().to(device)
     if os.path.isfile(path):
         net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
@@ -161,8 +153,7 @@ def toy_classifier(path, steps=300, device="cpu"):
 
 
 def image_transform(image_size):
-    """Resize the shorter side (nearest up to 64px, bicubic above [released]), centre crop (Sec. 3),
-    to a tensor in [-1, 1]."""
+    """Resize (nearest up to 64px, bicubic above [released]), centre crop (Sec. 3), to [-1, 1]."""
     from torchvision import transforms as T
     mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC
     return T.Compose([T.Resize(image_size, interpolation=mode, antialias=True),
@@ -170,10 +161,8 @@ def image_transform(image_size):
 
 
 class Guarded(torch.utils.data.Dataset):
-    """Training never dies on one bad file: item i that cannot be read or decoded is replaced by the
-    next readable one, i+1, i+2, ... (the same in every run and worker process, so resume stays
-    exact). Returns (x, y, bad) with bad = i for a replaced item, else -1: train.py counts them in
-    the main process, names each file once (path) and stops past --max_bad_frac."""
+    """An unreadable item i is replaced by the next readable one (deterministic: resume stays exact).
+    Returns (x, y, bad), bad = i for a replaced item, else -1; train.py counts them."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -194,7 +183,7 @@ class Guarded(torch.utils.data.Dataset):
 
 
 def check(ds):
-    """--check: read every item of ds (as training would), list the unreadable ones; exit 1 if any."""
+    """--check: read every item of ds, list the unreadable ones; exit 1 if any."""
     from tqdm import tqdm
     bad = []
     for i in tqdm(range(len(ds)), desc="reading", unit="img"):

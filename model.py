@@ -1,13 +1,9 @@
 """The Sphere Encoder: a ViT + MLP-Mixer encoder onto the sphere and a Mixer + ViT decoder back.
 
 Sphere Encoder (arXiv 2602.15030), Sec. 2.4 and 3, details per ../shared/REFERENCE.md Sec. 2.
-Read bottom-up: positions (sin-cos table, 2D RoPE) -> attention, SwiGLU -> AdaLN-Zero Block ->
-Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of Eq. 4-9.
-
-    from model import SphereEncoder, make_config
-    model = SphereEncoder(make_config("tiny", "toy"))
-    z = model.encode(x, y)          # (B, 3, H, W) -> (B, h, w, d)
-    x = model.decode(spherify(z), y)  # -> (B, 3, H, W) in [-1, 1]
+Read bottom-up: positions -> attention, SwiGLU -> AdaLN-Zero Block -> Mixer -> Encoder, Decoder ->
+SphereEncoder, whose forward() is the training pass of Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d);
+decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
 
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
@@ -106,9 +102,8 @@ def sincos_2d(grid, dim):
 
 
 def rope_2d(grid, head_dim, theta=10000.0):
-    """2D RoPE tables (Sec. 2.4; [released]: the first half of each head turns with the row, the
-    second half with the column). Channel pairs are adjacent, (2i, 2i+1), as in the release.
-    Returns cos, sin of shape (N, head_dim), each angle repeated for both channels of its pair."""
+    """2D RoPE (Sec. 2.4; [released]: first half of each head turns with the row, second with the column;
+    adjacent pairs (2i, 2i+1)). Returns cos, sin (N, head_dim), each angle repeated for its pair."""
     assert head_dim % 4 == 0
     freqs = 1.0 / theta ** (torch.arange(head_dim // 4) / (head_dim // 4))  # (hd/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -155,9 +150,8 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with AdaLN-Zero (DiT): the class embedding c gives shift, scale
-    and gate for attention and MLP through a zero-init Linear, so the block starts as identity.
-    Unconditional models (c is None) use plain pre-norm residuals."""
+    """Pre-norm block with AdaLN-Zero (DiT): c gives shift, scale, gate through a zero-init Linear,
+    so the block starts as identity. Unconditional (c is None): plain pre-norm residuals."""
 
     def __init__(self, dim, heads, mlp_ratio, cond):
         super().__init__()
@@ -300,9 +294,8 @@ class SphereEncoder(nn.Module):
         self.initialize()
 
     def initialize(self):
-        """Init per REFERENCE.md Sec. 2 [released]: at init the encoder outputs 0, every block is
-        the identity, and the decoder output is a near-constant image. Conv weights get Xavier on
-        their 2-D view (out, in*k*k), whose fans differ from torch's 4-D ones."""
+        """Init per REFERENCE.md Sec. 2 [released]: encoder outputs 0, blocks are identities, the decoder's
+        image near-constant. Convs get Xavier on their 2-D view (out, in*k*k): torch's 4-D fans differ."""
         xavier_2d = lambda w, gain=1.0: nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=gain)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
@@ -328,11 +321,8 @@ class SphereEncoder(nn.Module):
     def null_labels(self, batch, device=None):
         return torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device)
 
-    def labels(self, y, batch, device):
-        """None -> the null class (or nothing, for an unconditional model)."""
-        if self.cfg.num_classes == 0:
-            return None
-        return self.null_labels(batch, device) if y is None else y
+    def labels(self, y, batch, device):                                     # None -> null class
+        return None if self.cfg.num_classes == 0 else self.null_labels(batch, device) if y is None else y
 
     def drop_labels(self, y, p):
         """Replace each label by the null class with probability p (Sec. 2.4: p = 0.1 for CFG)."""
@@ -354,11 +344,9 @@ class SphereEncoder(nn.Module):
         return self.decoder(v, self.labels(y, B, v.device))
 
     def forward(self, x, y, sigma, sigma_sub, p_drop=0.1):
-        """The training pass, Eq. 4-9, in one call (so DDP/FSDP see one forward per step):
-        encode once, two noisy latents from one noise draw, one decoder pass on the doubled
-        batch, and the re-encoding that latent consistency needs. Labels are dropped to the
-        null class independently at each network call (p_drop, Sec. 2.4). Returns
-        z (target of Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
+        """The training pass, Eq. 4-9, in one call (one forward per step for DDP/FSDP); labels dropped
+        at each network call (p_drop, Sec. 2.4). Returns z (target of Eq. 9), x_NOISY = D(v_NOISY),
+        x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
         y = self.labels(y, x.shape[0], x.device)
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
@@ -375,8 +363,7 @@ class SphereEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self):
-        """Forward matmul FLOPs per image (2 per multiply-add), {"encoder", "decoder"}: every
-        Linear counts 2 * rows * in * out, attention 4 * N^2 * width per layer."""
+        """Forward matmul FLOPs per image {"encoder", "decoder"}: Linear 2 rows in out, attention 4 N^2 width."""
         cfg, N, P, C = self.cfg, self.cfg.grid ** 2, self.cfg.patch_size, self.cfg.channels
 
         def vit(w, depth):
@@ -401,8 +388,8 @@ SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the 
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write path.tmp, flush it to the disk, rename it over path; a kill or a full disk at any
-    moment leaves the previous file whole. A failed write -> DataError (one line), temp file removed."""
+    """Atomic: write path.tmp, fsync, rename over path; a kill or full disk leaves the old file whole.
+    A failed write -> DataError (one line), temp file removed."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -419,8 +406,7 @@ def save_checkpoint(obj, path):
 
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) of any file (also convert.py's released .pth); a file that is
-    missing, not a zip archive, truncated or corrupt -> DataError, one line naming the cause."""
+    """torch.load(path, weights_only=True) of any file; missing, not a zip, truncated, corrupt -> DataError."""
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
@@ -464,8 +450,7 @@ def load_model(path, device="cpu"):
 
 
 def load_model_and_data(args):
-    """viz.py, edit.py: the model of --ckpt on --device, its training args, and the images of --dataset /
-    --data_dir (default: the checkpoint's) at the model's size."""
+    """viz.py, edit.py: model of --ckpt, its training args, the images of --dataset (default: the ckpt's)."""
     model, targs = load_model(args.ckpt, args.device)
     ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
                           model.cfg.image_size)
@@ -473,8 +458,7 @@ def load_model_and_data(args):
 
 
 def init_distributed(device):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or per CPU slot, gloo), TF32 on.
-    Returns (world, rank, device), the device of this process."""
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or gloo CPU slot), TF32 on."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -488,8 +472,7 @@ def init_distributed(device):
 
 
 def shard(model, device, world):
-    """FSDP2: one unit per transformer block and per Mixer, then the rest; bf16 compute with fp32
-    gradient reduction on GPU. Parameters, gradients and AdamW state are split over the world."""
+    """FSDP2: a unit per block and per Mixer, then the rest; on GPU bf16 compute, fp32 grad reduction."""
     import warnings
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -23,9 +23,8 @@ from spherify import generate, sigma_max, spherify
 
 # ----------------------------------------------------------------------------- command line
 def fidelity(samples, args, train_args):
-    """FID / IS of uint8 samples (N, 3, H, W) with torch-fidelity against the training set of
-    the checkpoint's dataset or an image folder (--ref DIR). The training set's Inception statistics
-    are cached by torch-fidelity under a name, so they are computed once."""
+    """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity against the training set (its statistics
+    cached by name) or --ref DIR."""
     import torch_fidelity
 
     class U8(torch.utils.data.Dataset):                                     # torch-fidelity wants uint8
@@ -61,11 +60,8 @@ def frechet_distance(f1, f2):
 
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
-    """Offline scores on the toy data: the Frechet distance between samples and as many training
-    images in the toy classifier's features (lower is better), how often the classifier finds
-    the class the sample was asked for, and the colour spread: the per-channel pixel std of the
-    samples over that of the data, averaged over channels (1 = as varied in colour as the data).
-    samples: (N, C, H, W) in [-1, 1]."""
+    """Offline toy scores of samples (N, C, H, W) in [-1, 1]: Frechet distance to as many training images in
+    the toy classifier's features, class accuracy, colour spread (pixel std / the data's, 1 = as varied)."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()
@@ -77,8 +73,7 @@ def toy_scores(samples, labels, classifier):
 
 @torch.no_grad()
 def toy_colour_error(model, n=500, batch=250):
-    """Reconstruction colour error on toy images: mean absolute difference between the mean colour
-    of x and of D(f(E(x))) (null class, r = 0), per image and channel, in 0-255 units."""
+    """Mean |mean colour of x - of D(f(E(x)))| over toy images and channels, in 0-255 units."""
     ds = ToyShapes()
     x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
     rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])

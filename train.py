@@ -1,15 +1,13 @@
 """Train a Sphere Encoder, from one CPU to many GPUs (DDP via torchrun).
 
-Sphere Encoder (arXiv 2602.15030): one step is Eq. 4-10 (SphereEncoder.forward + losses.py),
-hyperparameters per Sec. 3, 6, App. C.2, D and ../shared/REFERENCE.md Sec. 3-5.
+Sphere Encoder (arXiv 2602.15030): a step is Eq. 4-10; settings per Sec. 3, 6, App. C.2, D, REFERENCE.md Sec. 3-5.
 
     python train.py                                            # tiny model, toy data, CPU, minutes
     python train.py --dataset cifar10 --data_dir data/cifar10  # Sphere-L on CIFAR-10
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /data/imagenet
     python train.py --resume --out_dir out/toy                 # continue from out/toy/last.pt
 
-Writes to --out_dir: last.pt (atomic), ckpt_<step>.pt copies, samples_<step>.png (rows = classes,
-Algorithm 1), recon_<step>.png (originals over reconstructions) and log.jsonl.
+Writes to --out_dir: last.pt, ckpt_<step>.pt, samples_<step>.png (Algorithm 1), recon_<step>.png, log.jsonl.
 """
 import itertools
 import json
@@ -56,7 +54,6 @@ DATASETS = {
 
 
 def get_args(argv=None):
-    """The flags, with per-dataset defaults filled in, and the checkpoint to resume from (or None)."""
     p = parser(__doc__)
     pos, count, real = at_least(1), at_least(0), at_least(0.0, float)
     p.add_argument("--dataset", default=None, choices=list(DATASETS), help="default: toy (or the checkpoint's)")
@@ -65,9 +62,9 @@ def get_args(argv=None):
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
     p.add_argument("--model", default=None, choices=list(SIZES), help="size (default per dataset)")
     p.add_argument("--image_size", type=pos, default=None)
-    p.add_argument("--alpha", type=float, default=None, help="max noise angle in degrees, sigma_max = tan(alpha) (Eq. 11-12)")
-    p.add_argument("--band", type=float, default=None, help="top of the angle-mixing band in degrees (App. C.2); <= alpha: off")
-    p.add_argument("--p_band", type=float, default=0.1, help="probability of a noise draw from the band (App. C.2)")
+    p.add_argument("--alpha", type=float, default=None, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
+    p.add_argument("--band", type=float, default=None, help="top of the mixing band (deg, App. C.2); <= alpha: off")
+    p.add_argument("--p_band", type=float, default=0.1, help="probability of a band draw (App. C.2)")
     p.add_argument("--epochs", type=real, default=None)
     p.add_argument("--max_steps", type=count, default=None, help="optimizer steps; overrides --epochs")
     p.add_argument("--warmup_epochs", type=real, default=None)
@@ -82,13 +79,13 @@ def get_args(argv=None):
     p.add_argument("--weights", type=real, nargs=5, default=None, metavar="W",
                    help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
     p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
-    p.add_argument("--convnext", type=real, default=0.0, help="perceptual = (LPIPS + w ConvNeXt)/(1 + w); released 0.1")
+    p.add_argument("--convnext", type=real, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
     p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=count, default=None)
-    p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction of unreadable images")
+    p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction unreadable")
     p.add_argument("--log_every", type=pos, default=50)
     p.add_argument("--ckpt_every", type=pos, default=500, help="write last.pt every N steps")
     p.add_argument("--keep_every", type=count, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
@@ -124,8 +121,7 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- helpers
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled by seed + epoch) that can start mid-epoch, so a resumed run
-    sees exactly the samples an uninterrupted run would."""
+    """DistributedSampler that can start mid-epoch: a resumed run sees what an uninterrupted one would."""
     start = 0
 
     def __iter__(self):
@@ -136,15 +132,13 @@ class ResumableSampler(DistributedSampler):
 
 
 def lr_range(args):
-    """(peak, min) lr: both scale linearly with the global batch / 256 (Sec. 5 [released]);
-    --lr sets the peak as given."""
+    """(peak, min) lr, both x global batch / 256 (Sec. 5 [released]); --lr sets the peak as given."""
     scale = args.batch_size / 256
     return (args.lr if args.lr is not None else args.base_lr * scale), args.min_lr * scale
 
 
 def get_lr(step, peak, warmup, total, min_lr):
-    """Linear warmup, then cosine decay that reaches min_lr at step total - warmup and holds it
-    to the end (REFERENCE.md Sec. 2 LR [released]: the decay spans total - 2 warmup steps)."""
+    """Linear warmup, cosine to min_lr at total - warmup, then held (REFERENCE.md Sec. 2 LR [released])."""
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
     t = (step - warmup) / max(1, total - 2 * warmup)
@@ -153,8 +147,7 @@ def get_lr(step, peak, warmup, total, min_lr):
 
 @torch.no_grad()
 def save_grids(model, x, args, step, device, n=8):
-    """samples_<step>.png: rows = classes (up to 10), n columns, Algorithm 1 from fixed noise;
-    recon_<step>.png: a row of training images over their reconstructions (null class, r = 0)."""
+    """samples_<step>.png: rows = classes (up to 10), Algorithm 1 from fixed noise; recon_<step>.png."""
     cfg, was_training = model.cfg, model.training
     model.eval()
     g = torch.Generator(device).manual_seed(1234)                           # same noise every time
@@ -170,8 +163,7 @@ def save_grids(model, x, args, step, device, n=8):
 
 
 def check_out_dir(args, params=0):
-    """Fail early: --out_dir must be writable, and hold a checkpoint (fp32 weights, the two AdamW
-    moments and the EMA copy: 4 bytes x params x 3 or 4); warn below 3 checkpoints' room."""
+    """Fail early: --out_dir must be writable with room for a checkpoint (4 bytes x params x 3, 4 with EMA)."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out_dir):                      # a real write: root ignores chmod
@@ -187,17 +179,15 @@ def check_out_dir(args, params=0):
 
 
 class Checkpointer:
-    """last.pt holds the whole state of a run: the full (unsharded, FQN-keyed: DDP and FSDP alike)
-    weights and optimizer, EMA, step, config, args, every rank's RNG and the unreadable images found.
-    save() writes it atomically from rank 0; restore() puts a run back exactly there."""
+    """last.pt: the full (unsharded, FQN-keyed) weights and optimizer, EMA, step, config, args, every
+    rank's RNG and the unreadable images found; save() from rank 0, restore() puts a run back there."""
 
     def __init__(self, model, opt, ema, cfg, args, world, rank, device):
         self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
         self.world, self.rank, self.device = world, rank, device
         self.path, self.saved_step = os.path.join(args.out_dir, "last.pt"), None
 
-    def restore(self, ckpt):
-        """-> (step, unreadable images found so far) of the checkpoint."""
+    def restore(self, ckpt):                                                # -> (step, bad images)
         set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         for group, mult in zip(self.opt.param_groups, (self.args.enc_lr_mult, 1.0)):   # this run's flags
             group["lr_mult"], group["weight_decay"] = mult, self.args.weight_decay

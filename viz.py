@@ -1,9 +1,7 @@
 """Look at the latent sphere of a trained Sphere Encoder: PNG plots and a uniformity number.
 
-Sphere Encoder (arXiv 2602.15030): Sec. 4 and Fig. 7 (random 3D projections of the latents,
-one sphere per class), Eq. 4 and 11-12 (the noise angle), App. C.2 (angle mixing), Alg. 1 (the
-sampling trajectory). Beyond the paper: how uniformly the encoded latents cover the sphere,
-measured against the prior, so a healthy latent space can be told from a collapsed one.
+Sphere Encoder (arXiv 2602.15030): Sec. 4, Fig. 7 (3D projections, a sphere per class), Eq. 4, 11-12
+(noise angle), App. C.2 (angle mixing), Alg. 1 (trajectory); beyond the paper: uniformity vs the prior.
 
     python train.py && python viz.py      # reads out/toy/last.pt, writes out/toy/viz/*.png
 
@@ -29,11 +27,8 @@ def project(v, P):
 
 
 def uniformity(v, t=2.0):
-    """How evenly points cover the sphere, in the full dimension L:
-      U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola's uniformity; lower is
-          more uniform: about -2t = -4 for the uniform prior in high dimension, 0 when collapsed);
-      cos_std = std of pairwise cosines x sqrt(L) (about 1 for uniform points).
-    Returns a dict of floats."""
+    """U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola; uniform ~ -2t = -4,
+    collapsed 0) and cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), as a dict."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)
     cos = u @ u.T
     i, j = torch.triu_indices(len(u), len(u), offset=1)
@@ -95,9 +90,8 @@ def plot_per_class(v, y, out, seed=0):
 
 
 def plot_noise(v, trajectory, alpha, band, out):
-    """(a) angle between v and its noisy copies against sigma, with arctan(sigma) (Eq. 11-12);
-    (b) the training noise angles under angle mixing (Eq. 5, App. C.2); (c) where Algorithm 1's
-    latent lands at each step, in one random projection."""
+    """(a) angle of v's noisy copies vs sigma, with arctan(sigma) (Eq. 11-12); (b) training angles
+    (Eq. 5, App. C.2); (c) Algorithm 1's latent at each step, in one random projection."""
     fig = plt.figure(figsize=(15, 4.5))
     ax = fig.add_subplot(1, 3, 1)
     sig = torch.linspace(0, sigma_max(min(band, 89)), 60)
