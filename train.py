@@ -94,7 +94,6 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
-    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
     ckpt = None
@@ -119,7 +118,6 @@ def get_args(argv=None):
     return args, ckpt
 
 
-# ----------------------------------------------------------------------------- helpers
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start mid-epoch: a resumed run sees what an uninterrupted one would."""
     start = 0
@@ -220,7 +218,6 @@ class Checkpointer:
             save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
 
 
-# ----------------------------------------------------------------------------- main
 @script
 def main(argv=None):
     args, ckpt = get_args(argv)
@@ -235,12 +232,6 @@ def main(argv=None):
     master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
     print0 = lambda *a: master and print(*a, flush=True)
     check_out_dir(args)
-    if args.wandb:                                                          # fail on every rank, not just rank 0
-        try:
-            import wandb
-        except ImportError:
-            die("--wandb needs the wandb package: pip install wandb")
-
     # --- data: Guarded replaces an unreadable image by the next one and says which it was
     ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
     ds = Guarded(ds)
@@ -261,7 +252,6 @@ def main(argv=None):
             sampler.start = skip * args.grad_accum * micro
             yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
             epoch, skip = epoch + 1, 0
-
     # --- model, optimizer, EMA, checkpoint
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
                                                             num_classes=num_classes)
@@ -305,9 +295,6 @@ def main(argv=None):
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
-    if args.wandb and master:
-        wandb.init(project="sphere-encoder", config=vars(args))
-
     # --- the loop
     data, logged, t0 = batches(step), step, time.time()
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
@@ -344,7 +331,6 @@ def main(argv=None):
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
         step += 1
         bar.update(1)
-
         if due(args.log_every) or due(args.ckpt_every):                     # the loop's only syncs
             if world > 1:
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
@@ -371,8 +357,6 @@ def main(argv=None):
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                if args.wandb:
-                    wandb.log(rec, step=step)
         if due(args.ckpt_every):
             try:
                 checkpointer.save(step, bad)
@@ -388,11 +372,9 @@ def main(argv=None):
             if master:
                 save_grids(plain, x, args, step, device)
     bar.close()
-
     if world > 1 and not args.fsdp:   # safety net: DDP must have kept every replica identical
         flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
+        dist.broadcast(ref := flat.clone(), 0)
         same = torch.tensor(float(torch.equal(ref, flat)), device=device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
