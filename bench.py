@@ -71,7 +71,6 @@ def bench(args, compile_model, world, dev):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_step = timed(step, dev, args.iters)
@@ -81,7 +80,6 @@ def bench(args, compile_model, world, dev):
              params=model.num_params())                                 # DTensor numel is the global size
     if world > 1:                                                   # distributed: the step is what we measure
         return r
-
     # where the time goes: each part alone, forward + backward as in a step
     def fwd_bwd(fn):
         def run():
@@ -98,7 +96,6 @@ def bench(args, compile_model, world, dev):
     step()                                                          # leaves optimizer state allocated
     r["split"]["optimizer"] = timed(opt.step, dev, args.iters)
     model.zero_grad(set_to_none=True)
-
     # FLOPs counted by torch, to check the model's estimate (math SDPA so attention is counted)
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), autocast:
         sigma, sub = noise_levels(1, 80, 85, device=dev)

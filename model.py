@@ -330,7 +330,6 @@ class SphereEncoder(nn.Module):
             return y
         return torch.where(torch.rand(y.shape, device=y.device) < p, self.cfg.num_classes, y)
 
-    # --- the public API
     def encode(self, x, y=None):
         """E: images (B, C, H, W) in [-1, 1] -> latent z (B, h, w, d), before spherify."""
         g = self.cfg.grid
@@ -372,7 +371,6 @@ class SphereEncoder(nn.Module):
 
         def mixer(D):                                                       # token + channel mixing
             return cfg.mixer_depth * (2 * D * 2 * N * N + 2 * N * 4 * D * D)
-
         w, d = cfg.enc_width, cfg.latent_dim
         enc = 2 * N * (C * P * P * w + w * w + w * d) + vit(w, cfg.enc_depth) + mixer(d)
         w = cfg.dec_width

@@ -33,7 +33,6 @@ def fidelity(samples, args, train_args):
         def __getitem__(self, i):
             x = self.x[i][0] if isinstance(self.x[i], tuple) else self.x[i]  # dataset items are (image, label)
             return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-
     kw = dict(input1=U8(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
               feature_extractor_weights_path=args.inception_weights)
     if args.fid:
@@ -106,7 +105,6 @@ def main(argv=None):
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-
     steps_list = args.steps or [0]
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {','.join(map(str, steps_list))}")
@@ -131,7 +129,6 @@ def main(argv=None):
     # labels balanced over the chosen classes, grouped so grid rows are classes
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
-
     for steps in steps_list:
         # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
         # seed (args.seed, i), so the samples do not depend on the number of processes.

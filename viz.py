@@ -153,7 +153,6 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-
     v, y = encode_dataset(model, ds, min(args.n, len(ds)), args.device)      # (n, L)
     prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
     stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
@@ -165,7 +164,6 @@ def main(argv=None):
     e = torch.randn(k, cfg.grid, cfg.grid, cfg.latent_dim, device=args.device)
     labels = torch.arange(k, device=args.device) % cfg.num_classes if cfg.num_classes else None
     generate(model, e, labels, args.steps, sigma_max(targs["alpha"]), trace=trajectory)
-
     plot_spheres(v, y, prior, os.path.join(out, "sphere.png"))
     plot_per_class(v, y, os.path.join(out, "sphere_per_class.png"))
     plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"], os.path.join(out, "noise.png"))
