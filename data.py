@@ -152,14 +152,6 @@ def toy_classifier(path, steps=300, device="cpu"):
     return net.eval()
 
 
-def image_transform(image_size):
-    """Resize (nearest up to 64px, bicubic above [released]), centre crop (Sec. 3), to [-1, 1]."""
-    from torchvision import transforms as T
-    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC
-    return T.Compose([T.Resize(image_size, interpolation=mode, antialias=True),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-
-
 class Guarded(torch.utils.data.Dataset):
     """An unreadable item i is replaced by the next readable one (deterministic: resume stays exact).
     Returns (x, y, bad), bad = i for a replaced item, else -1; train.py counts them."""
@@ -182,20 +174,6 @@ class Guarded(torch.utils.data.Dataset):
         return self.ds.samples[i][0] if hasattr(self.ds, "samples") else f"item {i}"
 
 
-def check(ds):
-    """--check: read every item of ds, list the unreadable ones; exit 1 if any."""
-    from tqdm import tqdm
-    bad = []
-    for i in tqdm(range(len(ds)), desc="reading", unit="img"):
-        try:
-            ds.ds[i]
-        except Exception as err:
-            bad.append(ds.path(i))
-            tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-    print(f"{len(bad)} of {len(ds)} images unreadable" + (": remove or replace them before training" if bad else ""))
-    sys.exit(1 if bad else 0)
-
-
 # what --data_dir must hold, per dataset (README "Data")
 WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
          "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)",
@@ -204,12 +182,14 @@ WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
 
 def build_dataset(name, data_dir=None, image_size=32, unconditional=False, download=False):
     """The training set for `name`. Returns (dataset, num_classes); num_classes 0 = unconditional."""
-    from torchvision import datasets
+    from torchvision import datasets, transforms as T
     if name not in ("toy", *WHERE):
         raise DataError(f"unknown dataset {name!r}")
     if name != "toy" and not download and not (data_dir and os.path.isdir(data_dir)):
         raise DataError(f"{name} expected in a folder ({WHERE[name]}), but --data_dir {data_dir!r} is not a folder")
-    tf = image_transform(image_size)
+    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC   # [released]
+    tf = T.Compose([T.Resize(image_size, interpolation=mode, antialias=True), T.CenterCrop(image_size),  # Sec. 3
+                    T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])                                  # -> [-1, 1]
     try:
         if name == "toy":
             ds = ToyShapes(image_size=image_size)
@@ -241,8 +221,18 @@ if __name__ == "__main__":
         ds = Guarded(build_dataset(args.dataset, args.data_dir, args.image_size)[0])
     except DataError as err:
         die(str(err))
-    if args.check:
-        check(ds)
+    if args.check:                                            # read every item as training would; exit 1 if any fails
+        from tqdm import tqdm
+        bad = []
+        for i in tqdm(range(len(ds)), desc="reading", unit="img"):
+            try:
+                ds.ds[i]
+            except Exception as err:
+                bad.append(ds.path(i))
+                why = str(err).splitlines()[0] if str(err) else ""
+                tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {why})")
+        print(f"{len(bad)} of {len(ds)} images unreadable{': remove or replace them before training' if bad else ''}")
+        sys.exit(1 if bad else 0)
     x = torch.stack([ds[i][0] for i in range(min(100, len(ds)))])
     if args.dataset == "toy":                                 # rows = classes
         x = x.view(10, 10, *x.shape[1:]).transpose(0, 1).reshape_as(x)
