@@ -36,13 +36,6 @@ def timed(fn, device, iters):
     return sorted(once() for _ in range(iters))[iters // 2]
 
 
-def matmul_peak(device, iters):
-    """FLOP/s of a large matmul in the training dtype, measured now."""
-    n, dtype = (8192, torch.bfloat16) if device.startswith("cuda") else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / timed(lambda: a @ b, device, iters)
-
-
 def bench(args, compile_model, world, dev):
     cfg = make_config(args.model, args.dataset)
     torch.manual_seed(0)
@@ -126,7 +119,9 @@ def main(argv=None):
         die("--fsdp needs a torchrun launch with 2 or more processes")
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     known = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    measured = matmul_peak(dev, args.iters)
+    n, dtype = (8192, torch.bfloat16) if dev.startswith("cuda") else (1024, torch.float32)   # in the training dtype
+    a, b = torch.randn(2, n, n, device=dev, dtype=dtype)
+    measured = 2 * n ** 3 / timed(lambda: a @ b, dev, args.iters)                         # a large matmul's FLOP/s
     print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
            + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))

@@ -36,13 +36,6 @@ RULES = [
 ]
 
 
-def rename(key, pixel_head):
-    """One released key -> ours (an unknown key comes back unmatched: convert() names it)."""
-    for a, b in RULES:
-        key = re.sub(a, b, key)
-    return key.replace("decoder.conv.0.", "decoder.conv.") if pixel_head == "linear" else key   # its one conv
-
-
 def infer_config(sd):
     """A Config from the shapes of a released state dict (keys as released)."""
     def need(key):
@@ -81,21 +74,22 @@ def convert(released):
     """Released state dict -> (Config, ours); Mixer gates alpha1, alpha2 become a = [alpha1, alpha2]."""
     cfg = infer_config(released)
     out, gates, source = {}, {}, {}
+    rules = RULES + ([(r"^decoder\.conv\.0\.", "decoder.conv.")] if cfg.pixel_head == "linear" else [])  # one conv
     for k, v in released.items():
         if k.endswith(("pos_embed", "rope")):                            # fixed tables, we recompute them
             continue
-        new = rename(k, cfg.pixel_head)
+        new = k
+        for a, b in rules:                                               # an unknown key stays unmatched
+            new = re.sub(a, b, new)
         source[new] = k
         v = torch.as_tensor(v, dtype=torch.float32)
-        m = re.match(r"(.*mixer\.blocks\.\d+)\.alpha([12])$", new)
-        if m:
+        if m := re.match(r"(.*mixer\.blocks\.\d+)\.alpha([12])$", new):
             gates.setdefault(m.group(1), {})[m.group(2)] = v.reshape(())
             continue
         out[new] = v
     for prefix, g in gates.items():
         out[prefix + ".a"] = torch.stack([g.get("1", torch.tensor(0.0)), g.get("2", torch.tensor(0.0))])
-    model = SphereEncoder(cfg)
-    ours = model.state_dict()
+    ours = SphereEncoder(cfg).state_dict()
     unknown = sorted(set(out) - set(ours))
     if unknown:
         raise DataError(f"released key maps to nothing here: {source[unknown[0]]} ({len(unknown)} such keys)")
