@@ -1,5 +1,4 @@
 """Benchmark one training step and sampling: img/s, TFLOP/s, MFU, memory, where the time goes.
-
 A step (Eq. 4-10) runs the encoder twice (x, and E(D(v_NOISY)) of Eq. 9) and the decoder on 2B, so
 FLOPs/img = 3 x (2 enc + 2 dec forward); the estimate is checked against torch's FlopCounterMode. MFU vs
 known GPUs' bf16 peak and a matmul measured now. Under torchrun only the step; --batch_size is per GPU.

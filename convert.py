@@ -1,8 +1,5 @@
-"""Convert a checkpoint of the authors' release (a .pth of {"model", "epoch", "ema_model"?}) into
-this project's checkpoint format, so sample.py, viz.py and edit.py read it unchanged.
-
-The release computes model.py's function (layer order per REFERENCE.md Sec. 2, its arbitrary conventions
-adopted), so conversion renames keys; the config is read off the shapes (heads from the width).
+"""Convert a checkpoint of the authors' release ({"model", "epoch", "ema_model"?}) into ours. It computes
+model.py's function (REFERENCE.md Sec. 2), so this renames keys and reads the config off the shapes.
 
     python convert.py sphere-l-imagenet/ep0800.pth out/sphere-l-imagenet/last.pt --ema
     python sample.py --ckpt out/sphere-l-imagenet/last.pt --steps 1,4 --cfg 1.4   # model card settings

@@ -153,8 +153,7 @@ def toy_classifier(path, steps=300, device="cpu"):
 
 
 class Guarded(torch.utils.data.Dataset):
-    """An unreadable item i is replaced by the next readable one (deterministic: resume stays exact).
-    Returns (x, y, bad), bad = i for a replaced item, else -1; train.py counts them."""
+    """Unreadable item i -> the next readable one, as (x, y, bad = i) (else bad = -1); resume stays exact."""
 
     def __init__(self, ds):
         self.ds = ds

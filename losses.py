@@ -4,7 +4,6 @@
   Eq. 8   pixel consistency     L(D(v_NOISY), sg(D(v_noisy)))   the same, target under stop-grad
   Eq. 9   latent consistency    1 - cos(v, E(D(v_NOISY)))       target v detached
   Eq. 10  total = weighted sum of the three (weights per dataset, REFERENCE.md Sec. 4)
-
 Images in [-1, 1]; the distance sees [0, 1], LPIPS-VGG [-1, 1]. Optionally, as released, perceptual =
 (LPIPS + 0.1 ConvNeXt) / 1.1 with ConvNeXt-Small logits (`--convnext 0.1`). Tested by tests/test_losses.py.
 """
@@ -82,8 +81,7 @@ def _offline_error(what, file, err, flag):
 
 
 def load_perceptual(w_convnext=0.0, pretrained=True):
-    """The frozen perceptual loss (pretrained=False: random backbones, for tests and benchmarks only).
-    Offline without the weights: an error saying which file to put where."""
+    """The frozen perceptual loss (pretrained=False: random backbones, for tests and benchmarks only)."""
     import warnings
 
     import lpips

@@ -1,10 +1,7 @@
-"""The Sphere Encoder: a ViT + MLP-Mixer encoder onto the sphere and a Mixer + ViT decoder back.
-
-Sphere Encoder (arXiv 2602.15030), Sec. 2.4 and 3, details per ../shared/REFERENCE.md Sec. 2.
-Read bottom-up: positions -> attention, SwiGLU -> AdaLN-Zero Block -> Mixer -> Encoder, Decoder ->
-SphereEncoder, whose forward() is the training pass of Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d);
-decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
-
+"""The Sphere Encoder (arXiv 2602.15030, Sec. 2.4 and 3; ../shared/REFERENCE.md Sec. 2): a ViT + MLP-Mixer
+encoder onto the sphere and a Mixer + ViT decoder back. Read bottom-up: positions -> attention, SwiGLU ->
+AdaLN-Zero Block -> Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of
+Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
 import os
@@ -87,18 +84,14 @@ def make_config(size="tiny", dataset="toy", **overrides):
     return Config(**{**kw, **latent, **overrides})
 
 
-# ----------------------------------------------------------------------------- positions
 def sincos_2d(grid, dim):
     """Fixed 2D sin-cos absolute positions (Sec. 2.4): [sin, cos] of the column in the first half
     of the channels, of the row in the second ([released] order). (grid*grid, dim), row-major."""
     assert dim % 4 == 0
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    out = []
-    for pos in (cols.flatten(), rows.flatten()):
-        ang = pos[:, None] * omega[None]                                    # (N, dim/4)
-        out += [ang.sin(), ang.cos()]
-    return torch.cat(out, dim=1).float()                                    # (N, dim)
+    angs = [pos.flatten()[:, None] * omega[None] for pos in (cols, rows)]   # 2 x (N, dim/4)
+    return torch.cat([f(a) for a in angs for f in (torch.sin, torch.cos)], dim=1).float()  # (N, dim)
 
 
 def rope_2d(grid, head_dim, theta=10000.0):
@@ -118,7 +111,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
 
 
-# ----------------------------------------------------------------------------- layers
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]                        # (B, N, D)
 
@@ -171,8 +163,7 @@ class Block(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    """RMSNorm, then x (1 + scale) + shift from the class embedding (zero-init): 'AdaLN-modulated
-    RMSNorm'. Without classes it is nothing at all: the last Linear sees the ViT's output [released]."""
+    """AdaLN-modulated RMSNorm (zero-init); without classes the identity [released]."""
 
     def __init__(self, dim, cond):
         super().__init__()
@@ -200,8 +191,7 @@ class MixerBlock(nn.Module):
 
 
 class Mixer(nn.Module):
-    """MLP-Mixer layers ending in an RMSNorm with learned affine, which bounds the latent
-    magnitude and keeps training stable when D(v_noisy) and D(v_NOISY) diverge (Sec. 2.4)."""
+    """MLP-Mixer layers, then an RMSNorm that bounds the latent magnitude for stability (Sec. 2.4)."""
 
     def __init__(self, tokens, dim, depth):
         super().__init__()
@@ -237,7 +227,6 @@ class ViT(nn.Module):
         return self.norm(x, c)
 
 
-# ----------------------------------------------------------------------------- encoder, decoder
 class Encoder(nn.Module):
     """Patchify -> ViT -> Linear(width, d) -> Mixer -> z (B, N, d)  [released order]."""
 
@@ -285,7 +274,6 @@ class Decoder(nn.Module):
         return torch.tanh(self.conv(x))                                     # (B, C, H, W) in [-1, 1]
 
 
-# ----------------------------------------------------------------------------- the model
 class SphereEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -379,15 +367,13 @@ class SphereEncoder(nn.Module):
         return {"encoder": enc, "decoder": dec}
 
 
-# ----------------------------------------------------------------------------- checkpoints, processes
 # A checkpoint is a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images} of
 # tensors and builtins, so torch.load(weights_only=True) reads it without running pickled code.
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write path.tmp, fsync, rename over path; a kill or full disk leaves the old file whole.
-    A failed write -> DataError (one line), temp file removed."""
+    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:

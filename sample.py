@@ -1,8 +1,5 @@
-"""Generate images with a trained Sphere Encoder: Algorithm 1 with classifier-free guidance.
-
-Sphere Encoder (arXiv 2602.15030): Alg. 1 / Sec. 2.4 (sampling), Eq. 13 (noise schedule),
-App. C.1 (CFG positions). Step 1 decodes a random point on the sphere, D(f(e)); every further
-step re-encodes the image, puts it back on the sphere with noise r sigma_max e', and decodes.
+"""Generate images with a trained Sphere Encoder (arXiv 2602.15030): Alg. 1 / Sec. 2.4, Eq. 13 noise
+schedule, classifier-free guidance (App. C.1). Step 1 decodes D(f(e)), later steps re-encode and re-noise.
 
     python sample.py --ckpt out/toy/last.pt --steps 4
     torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
@@ -21,10 +18,8 @@ from model import init_distributed, load_model
 from spherify import generate, sigma_max, spherify
 
 
-# ----------------------------------------------------------------------------- command line
 def fidelity(samples, args, train_args):
-    """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity against the training set (its statistics
-    cached by name) or --ref DIR."""
+    """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity against the training set or --ref DIR."""
     import torch_fidelity
 
     class U8(torch.utils.data.Dataset):                                     # torch-fidelity wants uint8

@@ -1,14 +1,10 @@
-"""The sphere and the noise on it: small pure functions, one per equation.
-
-Sphere Encoder (Hou, Yue, Jia, Goldstein, arXiv 2602.15030), Sec. 2.1-2.2, 2.4, 6 and App. C.2:
+"""The sphere and the noise on it, one pure function per equation (arXiv 2602.15030, Sec. 2.1-2.4, 6, App. C):
   Eq. 1      spherify: flatten a latent and RMS-normalize it onto the sphere of radius sqrt(L)
   Eq. 4-6    noisy_latents: v_NOISY = f(v + sigma e), v_noisy = f(v + s sigma e), the same e
   Eq. 5, C.2 noise_levels: sigma = r tan(alpha), with angle mixing into a high band
   Eq. 11-12  sigma_max: the noise angle alpha <-> sigma = tan(alpha); angle_deg measures it
   Eq. 13     sampling_r: the noise strength at each sampling step
   Alg. 1     generate / refine: the walk on the sphere that samples, with CFG (App. C.1)
-
-No parameters here (generate and refine take the model). Tested by tests/test_spherify.py.
 """
 import math
 
@@ -84,7 +80,6 @@ def sampling_r(t, steps, gamma=0.0):
     return (1.0 - (t - 1) / (steps - 1)) ** gamma
 
 
-# ----------------------------------------------------------------------------- Algorithm 1
 def guidance_scales(cfg, position):
     """(w_pixel, w_latent) for a total CFG strength cfg; combo puts sqrt(cfg) at each (App. C.1)."""
     return {"pixel": (cfg, 1.0), "latent": (1.0, cfg), "combo": (cfg ** 0.5, cfg ** 0.5)}[position]

@@ -1,12 +1,10 @@
-"""Train a Sphere Encoder, from one CPU to many GPUs (DDP via torchrun).
-
-Sphere Encoder (arXiv 2602.15030): a step is Eq. 4-10; settings per Sec. 3, 6, App. C.2, D, REFERENCE.md Sec. 3-5.
+"""Train a Sphere Encoder, one CPU to many GPUs (arXiv 2602.15030): a step is Eq. 4-10; settings per
+Sec. 3, 6, App. C.2, D and REFERENCE.md Sec. 3-5.
 
     python train.py                                            # tiny model, toy data, CPU, minutes
     python train.py --dataset cifar10 --data_dir data/cifar10  # Sphere-L on CIFAR-10
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /data/imagenet
     python train.py --resume --out_dir out/toy                 # continue from out/toy/last.pt
-
 Writes to --out_dir: last.pt, ckpt_<step>.pt, samples_<step>.png (Algorithm 1), recon_<step>.png, log.jsonl.
 """
 import itertools
@@ -177,8 +175,7 @@ def check_out_dir(args, params=0):
 
 
 class Checkpointer:
-    """last.pt: the full (unsharded, FQN-keyed) weights and optimizer, EMA, step, config, args, every
-    rank's RNG and the unreadable images found; save() from rank 0, restore() puts a run back there."""
+    """last.pt: full (FQN-keyed) weights, optimizer, EMA, step, config, args, every rank's RNG, bad images."""
 
     def __init__(self, model, opt, ema, cfg, args, world, rank, device):
         self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
