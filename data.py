@@ -18,7 +18,6 @@ import torch
 class DataError(Exception):
     """Bad or missing data or checkpoint: the scripts print it with die(), one line."""
 
-
 def die(msg, code=2):
     """Bad input: one line on stderr, exit code 2, no traceback (also argparse's p.error)."""
     print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
@@ -68,7 +67,6 @@ def at_least(low, cast=int):
 
 class ToyShapes(torch.utils.data.Dataset):
     """10 classes, 5 shapes and 5 textures, random colours, position, size, period; image i from seed i."""
-
     classes = ["disc", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
 
     def __init__(self, size=10_000, image_size=32, seed=0):
@@ -118,7 +116,6 @@ def toy_image(label, rng, n=32):
 
 class ToyClassifier(torch.nn.Module):
     """A small CNN for the toy classes, sample.py's offline stand-in for Inception: features (B, 128), logits."""
-
     def __init__(self):
         super().__init__()
         conv = lambda i, o: torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, 2, 1), torch.nn.GroupNorm(8, o), torch.nn.SiLU())
@@ -154,7 +151,6 @@ def toy_classifier(path, steps=300, device="cpu"):
 
 class Guarded(torch.utils.data.Dataset):
     """Unreadable item i -> the next readable one, as (x, y, bad = i) (else bad = -1); resume stays exact."""
-
     def __init__(self, ds):
         self.ds = ds
 

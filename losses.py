@@ -53,9 +53,7 @@ def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None)
 
 
 class Perceptual(torch.nn.Module):
-    """Per-sample perceptual distance (B,): LPIPS-VGG, or the release's (LPIPS + w ConvNeXt) / (1 + w), with
-    ConvNeXt the MSE of ConvNeXt-Small logits at 224px (REFERENCE.md Sec. 4)."""
-
+    """Perceptual distance (B,): LPIPS-VGG, or (LPIPS + w MSE of ConvNeXt logits) / (1 + w) (REFERENCE.md Sec. 4)."""
     def __init__(self, lpips, convnext=None, w_convnext=0.0):
         super().__init__()
         self.lpips, self.convnext, self.w = lpips, convnext, w_convnext

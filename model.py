@@ -85,8 +85,7 @@ def make_config(size="tiny", dataset="toy", **overrides):
 
 
 def sincos_2d(grid, dim):
-    """Fixed 2D sin-cos absolute positions (Sec. 2.4): [sin, cos] of the column in the first half
-    of the channels, of the row in the second ([released] order). (grid*grid, dim), row-major."""
+    """2D sin-cos positions (Sec. 2.4): [sin, cos] of the column, then of the row [released]: (grid*grid, dim)."""
     assert dim % 4 == 0
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -142,9 +141,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block with AdaLN-Zero (DiT): c gives shift, scale, gate through a zero-init Linear,
-    so the block starts as identity. Unconditional (c is None): plain pre-norm residuals."""
-
+    """Pre-norm block with AdaLN-Zero (DiT): zero-init shift, scale, gate from c; c None: plain residuals."""
     def __init__(self, dim, heads, mlp_ratio, cond):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-6)                             # learned affine [released]
@@ -164,7 +161,6 @@ class Block(nn.Module):
 
 class FinalNorm(nn.Module):
     """AdaLN-modulated RMSNorm (zero-init); without classes the identity [released]."""
-
     def __init__(self, dim, cond):
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=1e-6) if cond else None
@@ -176,7 +172,6 @@ class FinalNorm(nn.Module):
 
 class MixerBlock(nn.Module):
     """x += a1 TokenMix(norm(x)); x += a2 ChannelMix(norm(x)); a1 = a2 = 0 at init [released]."""
-
     def __init__(self, tokens, dim):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-6)
@@ -192,7 +187,6 @@ class MixerBlock(nn.Module):
 
 class Mixer(nn.Module):
     """MLP-Mixer layers, then an RMSNorm that bounds the latent magnitude for stability (Sec. 2.4)."""
-
     def __init__(self, tokens, dim, depth):
         super().__init__()
         self.blocks = nn.ModuleList([MixerBlock(tokens, dim) for _ in range(depth)])
@@ -206,7 +200,6 @@ class Mixer(nn.Module):
 
 class ViT(nn.Module):
     """Sin-cos positions, AdaLN-Zero blocks with 2D RoPE, final modulated norm; (B, N, D)."""
-
     def __init__(self, grid, dim, depth, heads, mlp_ratio, num_classes):
         super().__init__()
         cond = num_classes > 0
@@ -229,7 +222,6 @@ class ViT(nn.Module):
 
 class Encoder(nn.Module):
     """Patchify -> ViT -> Linear(width, d) -> Mixer -> z (B, N, d)  [released order]."""
-
     def __init__(self, cfg):
         super().__init__()
         w, N = cfg.enc_width, cfg.grid ** 2
@@ -246,7 +238,6 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Linear(d, width) -> Mixer -> ViT -> pixel head -> tanh: (B, N, d) -> (B, C, H, W)."""
-
     def __init__(self, cfg):
         super().__init__()
         w, N, P, C = cfg.dec_width, cfg.grid ** 2, cfg.patch_size, cfg.channels
@@ -331,9 +322,8 @@ class SphereEncoder(nn.Module):
         return self.decoder(v, self.labels(y, B, v.device))
 
     def forward(self, x, y, sigma, sigma_sub, p_drop=0.1):
-        """The training pass, Eq. 4-9, in one call (one forward per step for DDP/FSDP); labels dropped
-        at each network call (p_drop, Sec. 2.4). Returns z (target of Eq. 9), x_NOISY = D(v_NOISY),
-        x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
+        """The training pass, Eq. 4-9, one call (p_drop per network call, Sec. 2.4). Returns z (target of
+        Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
         y = self.labels(y, x.shape[0], x.device)
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6

@@ -30,13 +30,11 @@ def fidelity(samples, args, train_args):
             return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
     kw = dict(input1=U8(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
               feature_extractor_weights_path=args.inception_weights)
-    if args.fid:
-        if args.ref:
-            kw["input2"] = args.ref
-        else:
-            ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), train_args["image_size"])
-            kw["input2"] = U8(ds)
-            kw["input2_cache_name"] = f"sphere-{train_args['dataset']}-{train_args['image_size']}-train"
+    if args.fid and args.ref:
+        kw["input2"] = args.ref
+    elif args.fid:                                                          # the training set, statistics cached
+        ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), train_args["image_size"])
+        kw.update(input2=U8(ds), input2_cache_name=f"sphere-{train_args['dataset']}-{train_args['image_size']}-train")
     try:
         return torch_fidelity.calculate_metrics(**kw)
     except Exception as err:                                                # offline Inception download, ...
@@ -54,8 +52,8 @@ def frechet_distance(f1, f2):
 
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
-    """Offline toy scores of samples (N, C, H, W) in [-1, 1]: Frechet distance to as many training images in
-    the toy classifier's features, class accuracy, colour spread (pixel std / the data's, 1 = as varied)."""
+    """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class accuracy,
+    colour spread (pixel std / the data's, 1 = as varied)."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()

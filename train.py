@@ -176,7 +176,6 @@ def check_out_dir(args, params=0):
 
 class Checkpointer:
     """last.pt: full (FQN-keyed) weights, optimizer, EMA, step, config, args, every rank's RNG, bad images."""
-
     def __init__(self, model, opt, ema, cfg, args, world, rank, device):
         self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
         self.world, self.rank, self.device = world, rank, device

@@ -27,9 +27,8 @@ def uniformity(v, t=2.0):
     """U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola; uniform ~ -2t = -4,
     collapsed 0) and cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), as a dict."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)
-    cos = u @ u.T
     i, j = torch.triu_indices(len(u), len(u), offset=1)
-    c = cos[i, j]
+    c = (u @ u.T)[i, j]                                                     # pairwise cosines
     U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))       # ||u_i - u_j||^2 = 2 - 2 cos
     return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item()}
 
@@ -87,8 +86,7 @@ def plot_per_class(v, y, out, seed=0):
 
 
 def plot_noise(v, trajectory, alpha, band, out):
-    """(a) angle of v's noisy copies vs sigma, with arctan(sigma) (Eq. 11-12); (b) training angles
-    (Eq. 5, App. C.2); (c) Algorithm 1's latent at each step, in one random projection."""
+    """Noisy copies' angle vs sigma (Eq. 11-12), training angles (Eq. 5, App. C.2), Algorithm 1's path."""
     fig = plt.figure(figsize=(15, 4.5))
     ax = fig.add_subplot(1, 3, 1)
     sig = torch.linspace(0, sigma_max(min(band, 89)), 60)
