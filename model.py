@@ -357,8 +357,7 @@ class SphereEncoder(nn.Module):
         return {"encoder": enc, "decoder": dec}
 
 
-# A checkpoint is a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images} of
-# tensors and builtins, so torch.load(weights_only=True) reads it without running pickled code.
+# A checkpoint: a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images}: weights_only=True.
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
 
 

@@ -77,8 +77,7 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
-    p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), default=None,
-                   help="samples per steps setting (default: 8 per class, or 64)")
+    p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), help="default: 8 per class, or 64")
     p.add_argument("--classes", type=int_list, default="all", help="'all' or a list like 3,5 (balanced over them)")
     p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
@@ -123,8 +122,7 @@ def main(argv=None):
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
     for steps in steps_list:
-        # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
-        # seed (args.seed, i), so the samples do not depend on the number of processes.
+        # torchrun: batches dealt round-robin, gathered on rank 0; batch i seeded by (seed, i) on any world size
         mine, first = [], None
         for i in tqdm(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)

@@ -74,8 +74,7 @@ def get_args(argv=None):
     p.add_argument("--weight_decay", type=real, default=0.0)
     p.add_argument("--clip", type=real, default=1.0, help="gradient-norm clip")
     p.add_argument("--p_drop", type=float, default=0.1, help="label dropout to the null class (Sec. 2.4)")
-    p.add_argument("--weights", type=real, nargs=5, default=None, metavar="W",
-                   help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
+    p.add_argument("--weights", type=real, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, lat-con")
     p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
     p.add_argument("--convnext", type=real, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
     p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
@@ -223,8 +222,7 @@ def main(argv=None):
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
     if args.batch_size % (world * args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum "
-            f"= {world * args.grad_accum}")
+        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {world * args.grad_accum}")
     master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
     print0 = lambda *a: master and print(*a, flush=True)
     check_out_dir(args)
@@ -283,8 +281,7 @@ def main(argv=None):
         except RuntimeError as err:
             die(str(err))
     else:
-        print0("warning: training WITHOUT the perceptual (LPIPS) loss term (its weight is 0); "
-               "the paper uses it: --perceptual_weight 1 once VGG-16 weights are available")
+        print0("warning: training WITHOUT the paper's perceptual (LPIPS) loss term: --perceptual_weight 1 adds it")
     band = args.band if args.band > args.alpha else None
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     print0(f"{args.dataset}: {len(ds)} images, {num_classes} classes | model {args.model}: "

@@ -105,8 +105,7 @@ def plot_noise(v, trajectory, alpha, band, out):
     ang = torch.rad2deg(torch.atan(s))                                       # large-L angle of sigma
     ax.hist(ang, bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")
     ax.hist(torch.rad2deg(torch.atan(s_sub)), bins=90, range=(0, 90), alpha=0.7, label="v_noisy")
-    ax.set(xlabel="noise angle (degrees)", ylabel="count",
-           title=f"training angles: alpha {alpha:g}, band to {band:g} (App. C.2)")
+    ax.set(xlabel="noise angle (degrees)", ylabel="count", title=f"training angles: alpha {alpha:g}, band {band:g}")
     ax.legend(fontsize=7)
     P = torch.randn(v.shape[1], 3, generator=torch.Generator().manual_seed(1))
     ax = sphere_axes(fig, (1, 3, 3), f"Algorithm 1: latent at steps 1..{len(trajectory)}")
