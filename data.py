@@ -115,15 +115,12 @@ def toy_image(label, rng, n=32):
 
 
 class ToyClassifier(torch.nn.Module):
-    """A small CNN for the toy classes, sample.py's offline stand-in for Inception: features (B, 128), logits."""
+    """A small CNN for the toy classes, sample.py's offline stand-in for Inception: body(x) = features (B, 128)."""
     def __init__(self):
         super().__init__()
         conv = lambda i, o: torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, 2, 1), torch.nn.GroupNorm(8, o), torch.nn.SiLU())
         self.body = torch.nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.head = torch.nn.Linear(128, 10)
-
-    def features(self, x):
-        return self.body(x)
 
     def forward(self, x):
         return self.head(self.body(x))

@@ -39,15 +39,6 @@ def lerp(a, b, t):
 
 
 @torch.no_grad()
-def interpolate(model, xa, xb, n=8, y=None):
-    """Rows: lerp then slerp between the latents of xa and xb (B = 1 each): (2 n, C, H, W)."""
-    va, vb = spherify(model.encode(xa, y)), spherify(model.encode(xb, y))
-    ts = torch.linspace(0, 1, n)
-    rows = [torch.cat([fn(va, vb, t.item()) for t in ts]) for fn in (lerp, slerp)]   # (n, h, w, d) each
-    return torch.cat([model.decode(v, None if y is None else y.expand(n)) for v in rows]).float()
-
-
-@torch.no_grad()
 def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):
     """Sec. 4 / Fig. 6: n x n bilinear grid between 4 noise corners, Algorithm 1 (no CFG): (n * n, C, H, W)."""
     cfg = model.cfg
@@ -79,6 +70,7 @@ def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=Non
 
 
 @script
+@torch.no_grad()
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
@@ -113,7 +105,9 @@ def main(argv=None):
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
         grid, nrow = corner_grid(model, alpha, y=args.target, generator=g, device=args.device), 8
     elif args.command == "interp":                                           # rows: lerp, slerp
-        grid, nrow = interpolate(model, x[:1], x[1:2]), 8
+        va, vb = spherify(model.encode(x[:1])), spherify(model.encode(x[1:2]))
+        rows = [torch.cat([fn(va, vb, t.item()) for t in torch.linspace(0, 1, 8)]) for fn in (lerp, slerp)]
+        grid, nrow = torch.cat([model.decode(v) for v in rows]).float(), 8                 # rows: (8, h, w, d) each
     elif args.command == "crossover":                                        # stitched, then each round
         xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
         grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2

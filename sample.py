@@ -56,7 +56,7 @@ def toy_scores(samples, labels, classifier):
     colour spread (pixel std / the data's, 1 = as varied)."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
-    feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()
+    feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()
     acc = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float().mean().item()
     std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
     return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc,

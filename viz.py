@@ -33,19 +33,6 @@ def uniformity(v, t=2.0):
     return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item()}
 
 
-@torch.no_grad()
-def encode_dataset(model, ds, n, device, batch=256):
-    """v = f(E(x, y)) of the first n images of ds (Eq. 1), with their labels: (n, L), (n,)."""
-    vs, ys = [], []
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    for k in range(0, len(idx), batch):
-        x, y = zip(*[ds[i] for i in idx[k:k + batch]])
-        x, y = torch.stack(x).to(device), torch.tensor(y, device=device)
-        vs.append(spherify(model.encode(x, y if model.cfg.num_classes else None)).flatten(1).float().cpu())
-        ys.append(y.cpu())
-    return torch.cat(vs), torch.cat(ys)
-
-
 def save(fig, out):
     fig.tight_layout()
     fig.savefig(out, dpi=90)
@@ -132,6 +119,7 @@ def plot_uniformity(v, prior, stats, out):
 
 
 @script
+@torch.no_grad()
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
@@ -147,7 +135,14 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-    v, y = encode_dataset(model, ds, min(args.n, len(ds)), args.device)      # (n, L)
+    vs, ys = [], []                                                         # v = f(E(x, y)) of n random images (Eq. 1)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.n].tolist()
+    for k in range(0, len(idx), 256):
+        x, y = zip(*[ds[i] for i in idx[k:k + 256]])
+        x, y = torch.stack(x).to(args.device), torch.tensor(y, device=args.device)
+        vs.append(spherify(model.encode(x, y if model.cfg.num_classes else None)).flatten(1).float().cpu())
+        ys.append(y.cpu())
+    v, y = torch.cat(vs), torch.cat(ys)                                     # (n, L), (n,)
     prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
     stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
     for name, s in stats.items():
