@@ -148,11 +148,8 @@ def toy_classifier(path, steps=300, device="cpu"):
 
 class Guarded(torch.utils.data.Dataset):
     """Unreadable item i -> the next readable one, as (x, y, bad = i) (else bad = -1); resume stays exact."""
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
 
     def __getitem__(self, i):
         for k in range(len(self)):

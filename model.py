@@ -94,8 +94,7 @@ def sincos_2d(grid, dim):
 
 
 def rope_2d(grid, head_dim, theta=10000.0):
-    """2D RoPE (Sec. 2.4; [released]: first half of each head turns with the row, second with the column;
-    adjacent pairs (2i, 2i+1)). Returns cos, sin (N, head_dim), each angle repeated for its pair."""
+    """2D RoPE (Sec. 2.4): head halves turn with row, column; pairs (2i, 2i+1) [released]: cos, sin (N, hd)."""
     assert head_dim % 4 == 0
     freqs = 1.0 / theta ** (torch.arange(head_dim // 4) / (head_dim // 4))  # (hd/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -273,8 +272,7 @@ class SphereEncoder(nn.Module):
         self.initialize()
 
     def initialize(self):
-        """Init per REFERENCE.md Sec. 2 [released]: encoder outputs 0, blocks are identities, the decoder's
-        image near-constant. Convs get Xavier on their 2-D view (out, in*k*k): torch's 4-D fans differ."""
+        """Init per REFERENCE.md Sec. 2 [released]; convs get Xavier on their 2-D view (out, in*k*k)."""
         xavier_2d = lambda w, gain=1.0: nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=gain)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):

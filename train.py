@@ -119,11 +119,8 @@ class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start mid-epoch: a resumed run sees what an uninterrupted one would."""
     start = 0
 
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self):
-        return super().__len__() - self.start
+    def __iter__(self): return itertools.islice(super().__iter__(), self.start, None)
+    def __len__(self): return super().__len__() - self.start
 
 
 def lr_range(args):
