@@ -2,7 +2,6 @@
 A step (Eq. 4-10) runs the encoder twice (x, and E(D(v_NOISY)) of Eq. 9) and the decoder on 2B, so
 FLOPs/img = 3 x (2 enc + 2 dec forward); the estimate is checked against torch's FlopCounterMode. MFU vs
 known GPUs' bf16 peak and a matmul measured now. Under torchrun only the step; --batch_size is per GPU.
-
     python bench.py                                   # tiny preset on the CPU
     python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU
     torchrun --nproc_per_node=8 bench.py --model XL --dataset imagenet --batch_size 16 --fsdp --grad_ckpt
@@ -72,8 +71,8 @@ def bench(args, compile_model, world, dev):
              params=model.num_params())                                 # DTensor numel is the global size
     if world > 1:                                                   # distributed: the step is what we measure
         return r
-    # where the time goes: each part alone, forward + backward as in a step
-    def fwd_bwd(fn):
+
+    def fwd_bwd(fn):                                                # where the time goes: each part alone, fwd + bwd
         def run():
             with autocast:
                 out = fn()

@@ -1,6 +1,5 @@
 """Convert a checkpoint of the authors' release ({"model", "epoch", "ema_model"?}) into ours. It computes
 model.py's function (REFERENCE.md Sec. 2), so this renames keys and reads the config off the shapes.
-
     python convert.py sphere-l-imagenet/ep0800.pth out/sphere-l-imagenet/last.pt --ema
     python sample.py --ckpt out/sphere-l-imagenet/last.pt --steps 1,4 --cfg 1.4   # model card settings
 """
@@ -17,8 +16,7 @@ from model import SIZES, Config, SphereEncoder, read_checkpoint, save_checkpoint
 HEADS = {w: h for w, _, h in SIZES.values() if w >= 512}           # released widths -> heads
 DATASET_BY_CLASSES = {1000: "imagenet", 102: "flowers", 10: "cifar10", 0: "folder"}
 
-# released key -> ours: every rule, in this order, on the whole key
-RULES = [
+RULES = [                                                               # released key -> ours: all rules, in order
     (r"^encoder\.out\.", "encoder.mixer."),                            # the encoder's Mixer (before ffn.linear -> out)
     (r"^decoder\.x_embedder\.1\.", "decoder.mixer."),                   # the decoder's Mixer
     (r"\.tok_mixer\.mix\.", ".token_mix."), (r"\.chn_mixer\.mix\.", ".channel_mix."),

@@ -1,7 +1,6 @@
 """Datasets: a procedural toy set (the default, no download), CIFAR-10, ImageNet, Flowers-102, any
 ImageFolder tree; each yields (image (3, H, W) in [-1, 1], int label). The h-flip (Sec. 3) is in train.py.
 Bad input never ends in a traceback: die() prints one line, exit 2; unreadable files are skipped (Guarded).
-
     python data.py --dataset toy --out toy.png     # a grid of 10 toy images per class
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
@@ -163,8 +162,7 @@ class Guarded(torch.utils.data.Dataset):
         return self.ds.samples[i][0] if hasattr(self.ds, "samples") else f"item {i}"
 
 
-# what --data_dir must hold, per dataset (README "Data")
-WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
+WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",             # what --data_dir holds (README "Data")
          "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)",
          "imagenet": "a train/ subfolder of class folders of images", "folder": "class subfolders of images"}
 

@@ -1,7 +1,6 @@
 """Image editing with a trained Sphere Encoder (arXiv 2602.15030), one PNG grid per command, of training
 images by index: Eq. 2 (reconstruction), Sec. 4 / Fig. 6 (noise-corner grid), Sec. 5 (crossover, conditional
 manipulation); beyond the paper: lerp / slerp between two images' latents.
-
     python edit.py recon      --ckpt out/toy/last.pt --images 0,1,2,3
     python edit.py grid       --ckpt out/toy/last.pt --target 3     # Fig. 6: noise-corner interpolation
     python edit.py interp     --ckpt out/toy/last.pt --images 0,1

@@ -294,8 +294,7 @@ class SphereEncoder(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 xavier_2d(m.weight, gain=0.01)
 
-    # --- labels: row num_classes of each class table is the null class (CFG, reconstruction)
-    def null_labels(self, batch, device=None):
+    def null_labels(self, batch, device=None):                              # row num_classes: the null class
         return torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device)
 
     def labels(self, y, batch, device):                                     # None -> null class
@@ -331,11 +330,8 @@ class SphereEncoder(nn.Module):
         z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
         return z, x_NOISY, x_noisy, z_re
 
-    def set_grad_checkpointing(self, on=True):
-        self.encoder.vit.grad_ckpt = self.decoder.vit.grad_ckpt = on
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+    def set_grad_checkpointing(self, on=True): self.encoder.vit.grad_ckpt = self.decoder.vit.grad_ckpt = on
+    def num_params(self): return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self):
         """Forward matmul FLOPs per image {"encoder", "decoder"}: Linear 2 rows in out, attention 4 N^2 width."""

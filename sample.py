@@ -1,6 +1,5 @@
 """Generate images with a trained Sphere Encoder (arXiv 2602.15030): Alg. 1 / Sec. 2.4, Eq. 13 noise
 schedule, classifier-free guidance (App. C.1). Step 1 decodes D(f(e)), later steps re-encode and re-noise.
-
     python sample.py --ckpt out/toy/last.pt --steps 4
     torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
 """
@@ -52,8 +51,7 @@ def frechet_distance(f1, f2):
 
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
-    """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class accuracy,
-    colour spread (pixel std / the data's, 1 = as varied)."""
+    """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class acc., colour spread."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()

@@ -72,8 +72,7 @@ def noisy_latents(v, sigma, sigma_sub, e=None):
 
 
 def sampling_r(t, steps, gamma=0.0):
-    """Eq. 13: r = (1 - (t-1)/(T-1))^gamma at sampling step t = 2..T; gamma 0: r = 1 (best, Tab. 6).
-    ([released] decays as 1 - t/T, never reaching 0; we follow the paper's equation.)"""
+    """Eq. 13: r = (1 - (t-1)/(T-1))^gamma at step t = 2..T; gamma 0: r = 1 (best, Tab. 6). [released]: 1 - t/T."""
     assert 2 <= t <= steps, f"step {t} out of 2..{steps}"
     return (1.0 - (t - 1) / (steps - 1)) ** gamma
 

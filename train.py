@@ -1,6 +1,5 @@
 """Train a Sphere Encoder, one CPU to many GPUs (arXiv 2602.15030): a step is Eq. 4-10; settings per
 Sec. 3, 6, App. C.2, D and REFERENCE.md Sec. 3-5.
-
     python train.py                                            # tiny model, toy data, CPU, minutes
     python train.py --dataset cifar10 --data_dir data/cifar10  # Sphere-L on CIFAR-10
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /data/imagenet

@@ -1,7 +1,6 @@
 """Look at the latent sphere of a trained Sphere Encoder: PNG plots and a uniformity number.
 Sphere Encoder (arXiv 2602.15030): Sec. 4, Fig. 7 (3D projections, a sphere per class), Eq. 4, 11-12
 (noise angle), App. C.2 (angle mixing), Alg. 1 (trajectory); beyond the paper: uniformity vs the prior.
-
     python train.py && python viz.py      # reads out/toy/last.pt, writes out/toy/viz/*.png
 """
 import math
