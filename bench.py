@@ -1,13 +1,7 @@
 """Benchmark one training step and sampling: img/s, TFLOP/s, MFU, memory, where the time goes.
-
-A training step of the Sphere Encoder (Eq. 4-10) runs the encoder twice (x and the re-encoding
-E(D(v_NOISY)) of Eq. 9) and the decoder once on a doubled batch, so its FLOPs per image are
-3 x (2 encoder + 2 decoder forward FLOPs) (backward ~ 2x forward). The model's own estimate
-(SphereEncoder.flops_per_image) is checked against torch's FlopCounterMode in the same run.
-MFU is reported against the dense bf16 peak of known GPUs and, on any machine, against a large
-matmul measured in the same run. Under torchrun (DDP, or FSDP with --fsdp) only the training step
-is measured: img/s over all GPUs and peak memory per GPU; --batch_size is per GPU there.
-
+A step (Eq. 4-10) runs the encoder twice (x, and E(D(v_NOISY)) of Eq. 9) and the decoder on 2B, so
+FLOPs/img = 3 x (2 enc + 2 dec forward); the estimate is checked against torch's FlopCounterMode. MFU vs
+known GPUs' bf16 peak and a matmul measured now. Under torchrun only the step; --batch_size is per GPU.
     python bench.py                                   # tiny preset on the CPU
     python bench.py --model L --dataset imagenet --batch_size 32 --compile   # on a GPU
     torchrun --nproc_per_node=8 bench.py --model XL --dataset imagenet --batch_size 16 --fsdp --grad_ckpt
@@ -40,13 +34,6 @@ def timed(fn, device, iters):
     return sorted(once() for _ in range(iters))[iters // 2]
 
 
-def matmul_peak(device, iters):
-    """FLOP/s of a large matmul in the training dtype, measured now."""
-    n, dtype = (8192, torch.bfloat16) if device.startswith("cuda") else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / timed(lambda: a @ b, device, iters)
-
-
 def bench(args, compile_model, world, dev):
     cfg = make_config(args.model, args.dataset)
     torch.manual_seed(0)
@@ -75,7 +62,6 @@ def bench(args, compile_model, world, dev):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_step = timed(step, dev, args.iters)
@@ -86,8 +72,7 @@ def bench(args, compile_model, world, dev):
     if world > 1:                                                   # distributed: the step is what we measure
         return r
 
-    # where the time goes: each part alone, forward + backward as in a step
-    def fwd_bwd(fn):
+    def fwd_bwd(fn):                                                # where the time goes: each part alone, fwd + bwd
         def run():
             with autocast:
                 out = fn()
@@ -102,7 +87,6 @@ def bench(args, compile_model, world, dev):
     step()                                                          # leaves optimizer state allocated
     r["split"]["optimizer"] = timed(opt.step, dev, args.iters)
     model.zero_grad(set_to_none=True)
-
     # FLOPs counted by torch, to check the model's estimate (math SDPA so attention is counted)
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), autocast:
         sigma, sub = noise_levels(1, 80, 85, device=dev)
@@ -133,7 +117,9 @@ def main(argv=None):
         die("--fsdp needs a torchrun launch with 2 or more processes")
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     known = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    measured = matmul_peak(dev, args.iters)
+    n, dtype = (8192, torch.bfloat16) if dev.startswith("cuda") else (1024, torch.float32)   # in the training dtype
+    a, b = torch.randn(2, n, n, device=dev, dtype=dtype)
+    measured = 2 * n ** 3 / timed(lambda: a @ b, dev, args.iters)                         # a large matmul's FLOP/s
     print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
            + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))

@@ -1,10 +1,6 @@
-"""Datasets: an embedded procedural toy set (the default: no download), CIFAR-10, ImageNet,
-Oxford Flowers-102 and any ImageFolder tree. Every dataset yields (image, label) with the image
-(3, H, W) in [-1, 1] and label an int (ignored when the model is unconditional). The random horizontal
-flip (Sec. 3) is applied to the batch in train.py, so datasets stay deterministic per index.
-Bad input never ends in a traceback: die() prints one line and exits 2; a file that cannot be read
-is skipped in training (Guarded) and listed by --check.
-
+"""Datasets: a procedural toy set (the default, no download), CIFAR-10, ImageNet, Flowers-102, any
+ImageFolder tree; each yields (image (3, H, W) in [-1, 1], int label). The h-flip (Sec. 3) is in train.py.
+Bad input never ends in a traceback: die() prints one line, exit 2; unreadable files are skipped (Guarded).
     python data.py --dataset toy --out toy.png     # a grid of 10 toy images per class
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
@@ -21,15 +17,14 @@ import torch
 class DataError(Exception):
     """Bad or missing data or checkpoint: the scripts print it with die(), one line."""
 
-
 def die(msg, code=2):
-    """Bad input: one clear line on stderr and exit code 2, no traceback (also argparse's p.error)."""
+    """Bad input: one line on stderr, exit code 2, no traceback (also argparse's p.error)."""
     print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
 def script(main):
-    """Wraps a script's main(argv): a DataError anywhere in it ends the script with its one line (die)."""
+    """Wraps a script's main(argv): a DataError in it ends the script with its one line (die)."""
     @functools.wraps(main)
     def run(argv=None):
         try:
@@ -70,9 +65,7 @@ def at_least(low, cast=int):
 
 
 class ToyShapes(torch.utils.data.Dataset):
-    """10 visually distinct classes, 5 shapes and 5 textures, with random colours, position, size
-    and period. Image i is generated from its own seed, so it is the same in every process."""
-
+    """10 classes, 5 shapes and 5 textures, random colours, position, size, period; image i from seed i."""
     classes = ["disc", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
 
     def __init__(self, size=10_000, image_size=32, seed=0):
@@ -88,8 +81,7 @@ class ToyShapes(torch.utils.data.Dataset):
 
 
 def toy_image(label, rng, n=32):
-    """One toy image (3, n, n) float32 in [-1, 1]: a foreground colour over a background colour,
-    mixed by an anti-aliased mask (a signed distance in pixels, clipped to [0, 1])."""
+    """One toy image (3, n, n) in [-1, 1]: two colours mixed by an anti-aliased signed-distance mask."""
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
     cx, cy = rng.uniform(0.35, 0.65, 2) * n                     # shape centre
     r = rng.uniform(0.18, 0.32) * n                             # shape size
@@ -122,26 +114,19 @@ def toy_image(label, rng, n=32):
 
 
 class ToyClassifier(torch.nn.Module):
-    """A small CNN for the 10 toy classes: the offline stand-in for Inception, so sample.py can
-    score samples on the toy data (class accuracy, Frechet distance of its features) without a
-    download. features(x) -> (B, 128); forward(x) -> logits (B, 10)."""
-
+    """A small CNN for the toy classes, sample.py's offline stand-in for Inception: body(x) = features (B, 128)."""
     def __init__(self):
         super().__init__()
         conv = lambda i, o: torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, 2, 1), torch.nn.GroupNorm(8, o), torch.nn.SiLU())
         self.body = torch.nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.head = torch.nn.Linear(128, 10)
 
-    def features(self, x):
-        return self.body(x)
-
     def forward(self, x):
         return self.head(self.body(x))
 
 
 def toy_classifier(path, steps=300, device="cpu"):
-    """The toy classifier, trained once (about 30 s on a CPU, on toy images 10000+, never seen in
-    training) and cached at path."""
+    """The toy classifier, trained once (~30 s on CPU, toy images 10000+, unseen in training), cached at path."""
     net = ToyClassifier().to(device)
     if os.path.isfile(path):
         net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
@@ -160,26 +145,10 @@ def toy_classifier(path, steps=300, device="cpu"):
     return net.eval()
 
 
-def image_transform(image_size):
-    """Resize the shorter side (nearest up to 64px, bicubic above [released]), centre crop (Sec. 3),
-    to a tensor in [-1, 1]."""
-    from torchvision import transforms as T
-    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC
-    return T.Compose([T.Resize(image_size, interpolation=mode, antialias=True),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-
-
 class Guarded(torch.utils.data.Dataset):
-    """Training never dies on one bad file: item i that cannot be read or decoded is replaced by the
-    next readable one, i+1, i+2, ... (the same in every run and worker process, so resume stays
-    exact). Returns (x, y, bad) with bad = i for a replaced item, else -1: train.py counts them in
-    the main process, names each file once (path) and stops past --max_bad_frac."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
+    """Unreadable item i -> the next readable one, as (x, y, bad = i) (else bad = -1); resume stays exact."""
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
 
     def __getitem__(self, i):
         for k in range(len(self)):
@@ -193,34 +162,21 @@ class Guarded(torch.utils.data.Dataset):
         return self.ds.samples[i][0] if hasattr(self.ds, "samples") else f"item {i}"
 
 
-def check(ds):
-    """--check: read every item of ds (as training would), list the unreadable ones; exit 1 if any."""
-    from tqdm import tqdm
-    bad = []
-    for i in tqdm(range(len(ds)), desc="reading", unit="img"):
-        try:
-            ds.ds[i]
-        except Exception as err:
-            bad.append(ds.path(i))
-            tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-    print(f"{len(bad)} of {len(ds)} images unreadable" + (": remove or replace them before training" if bad else ""))
-    sys.exit(1 if bad else 0)
-
-
-# what --data_dir must hold, per dataset (README "Data")
-WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",
+WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",             # what --data_dir holds (README "Data")
          "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)",
          "imagenet": "a train/ subfolder of class folders of images", "folder": "class subfolders of images"}
 
 
 def build_dataset(name, data_dir=None, image_size=32, unconditional=False, download=False):
     """The training set for `name`. Returns (dataset, num_classes); num_classes 0 = unconditional."""
-    from torchvision import datasets
+    from torchvision import datasets, transforms as T
     if name not in ("toy", *WHERE):
         raise DataError(f"unknown dataset {name!r}")
     if name != "toy" and not download and not (data_dir and os.path.isdir(data_dir)):
         raise DataError(f"{name} expected in a folder ({WHERE[name]}), but --data_dir {data_dir!r} is not a folder")
-    tf = image_transform(image_size)
+    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC   # [released]
+    tf = T.Compose([T.Resize(image_size, interpolation=mode, antialias=True), T.CenterCrop(image_size),  # Sec. 3
+                    T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])                                  # -> [-1, 1]
     try:
         if name == "toy":
             ds = ToyShapes(image_size=image_size)
@@ -252,8 +208,18 @@ if __name__ == "__main__":
         ds = Guarded(build_dataset(args.dataset, args.data_dir, args.image_size)[0])
     except DataError as err:
         die(str(err))
-    if args.check:
-        check(ds)
+    if args.check:                                            # read every item as training would; exit 1 if any fails
+        from tqdm import tqdm
+        bad = []
+        for i in tqdm(range(len(ds)), desc="reading", unit="img"):
+            try:
+                ds.ds[i]
+            except Exception as err:
+                bad.append(ds.path(i))
+                why = str(err).splitlines()[0] if str(err) else ""
+                tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {why})")
+        print(f"{len(bad)} of {len(ds)} images unreadable{': remove or replace them before training' if bad else ''}")
+        sys.exit(1 if bad else 0)
     x = torch.stack([ds[i][0] for i in range(min(100, len(ds)))])
     if args.dataset == "toy":                                 # rows = classes
         x = x.view(10, 10, *x.shape[1:]).transpose(0, 1).reshape_as(x)

@@ -1,13 +1,6 @@
-"""Image editing with a trained Sphere Encoder: reconstruction, interpolation, crossover and
-conditional manipulation. Each command writes one PNG grid.
-
-Sphere Encoder (arXiv 2602.15030): Eq. 2 (reconstruction, null class, r = 0), Sec. 4 / Fig. 6
-(interpolation: a bilinear grid between 4 random noise corners, 4 steps, no CFG), Sec. 5
-(crossover: stitch two images, up to 10 rounds, r = 0.25, gamma = 1, no CFG; conditional
-manipulation: encode, then encode/decode under a target class, r = 1, gamma = 0). Beyond the
-paper: lerp / slerp between the latents of two real images.
-Images are picked by index from the checkpoint's training set (or --dataset / --data_dir).
-
+"""Image editing with a trained Sphere Encoder (arXiv 2602.15030), one PNG grid per command, of training
+images by index: Eq. 2 (reconstruction), Sec. 4 / Fig. 6 (noise-corner grid), Sec. 5 (crossover, conditional
+manipulation); beyond the paper: lerp / slerp between two images' latents.
     python edit.py recon      --ckpt out/toy/last.pt --images 0,1,2,3
     python edit.py grid       --ckpt out/toy/last.pt --target 3     # Fig. 6: noise-corner interpolation
     python edit.py interp     --ckpt out/toy/last.pt --images 0,1
@@ -31,7 +24,7 @@ def reconstruct(model, x, y=None):
 
 
 def slerp(a, b, t):
-    """Spherical interpolation between a and b (same norm), per sample; stays on the sphere."""
+    """Spherical interpolation between a and b (same norm), per sample."""
     a2, b2 = a.flatten(1), b.flatten(1)
     omega = torch.acos((torch.nn.functional.cosine_similarity(a2, b2, dim=1)).clamp(-1, 1))[:, None]  # (B, 1)
     so = torch.sin(omega).clamp_min(1e-8)
@@ -45,18 +38,8 @@ def lerp(a, b, t):
 
 
 @torch.no_grad()
-def interpolate(model, xa, xb, n=8, y=None):
-    """Rows: lerp then slerp between the latents of xa and xb (B = 1 each): (2 n, C, H, W)."""
-    va, vb = spherify(model.encode(xa, y)), spherify(model.encode(xb, y))
-    ts = torch.linspace(0, 1, n)
-    rows = [torch.cat([fn(va, vb, t.item()) for t in ts]) for fn in (lerp, slerp)]   # (n, h, w, d) each
-    return torch.cat([model.decode(v, None if y is None else y.expand(n)) for v in rows]).float()
-
-
-@torch.no_grad()
 def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):
-    """Sec. 4 / Fig. 6 (left): 4 random noise corners, bilinear interpolation between them on an
-    n x n grid, each point decoded with Algorithm 1 (4 steps, no CFG). Returns (n * n, C, H, W)."""
+    """Sec. 4 / Fig. 6: n x n bilinear grid between 4 noise corners, Algorithm 1 (no CFG): (n * n, C, H, W)."""
     cfg = model.cfg
     c = torch.randn(4, cfg.grid, cfg.grid, cfg.latent_dim, generator=generator, device=device)
     t = torch.linspace(0, 1, n, device=device)
@@ -67,15 +50,13 @@ def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"
 
 
 def rounds(r, gamma, n):
-    """Eq. 13 over n editing rounds (the rounds are steps 2..n+1 of Algorithm 1): r_k = r (1 - k/n)^gamma,
-    k = 1..n; with gamma = 1 the last round adds no noise."""
+    """Eq. 13 over n rounds (steps 2..n+1 of Algorithm 1): r_k = r (1 - k/n)^gamma, k = 1..n."""
     return [r * sampling_r(t, n + 1, gamma) for t in range(2, n + 2)]
 
 
 @torch.no_grad()
 def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generator=None):
-    """Sec. 5: the left half of xa next to the right half of xb, then encode/decode rounds that
-    blend the seam. Returns [stitched] + the image after each round."""
+    """Sec. 5: left half of xa, right half of xb, then rounds blend the seam: [stitched] + each round."""
     W = xa.shape[-1]
     x = torch.cat([xa[..., : W // 2], xb[..., W // 2:]], dim=-1)
     return [x] + refine(model, x, y, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
@@ -83,12 +64,12 @@ def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generat
 
 @torch.no_grad()
 def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=None):
-    """Sec. 5: encode x and decode it under the target class, `steps` rounds (r = 1, gamma = 0, no
-    CFG: one round already adapts texture, more refine it). Returns the image after each round."""
+    """Sec. 5: encode/decode x under the target class, `steps` rounds (r = 1, gamma = 0, no CFG)."""
     return refine(model, x, target, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
 
 
 @script
+@torch.no_grad()
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
@@ -96,7 +77,7 @@ def main(argv=None):
     p.add_argument("--images", type=int_list, default="0,1,2,3", help="dataset indices, comma-separated")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--target", type=at_least(0), default=None, help="manipulate: the target class (required); grid: the class")
+    p.add_argument("--target", type=at_least(0), default=None, help="the class (required for manipulate)")
     p.add_argument("--steps", type=at_least(1), default=None, help="rounds (crossover 10, manipulate 4)")
     p.add_argument("--r", type=at_least(0.0, float), default=None, help="noise strength (crossover 0.25, manipulate 1)")
     p.add_argument("--gamma", type=at_least(0.0, float), default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
@@ -123,7 +104,9 @@ def main(argv=None):
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
         grid, nrow = corner_grid(model, alpha, y=args.target, generator=g, device=args.device), 8
     elif args.command == "interp":                                           # rows: lerp, slerp
-        grid, nrow = interpolate(model, x[:1], x[1:2]), 8
+        va, vb = spherify(model.encode(x[:1])), spherify(model.encode(x[1:2]))
+        rows = [torch.cat([fn(va, vb, t.item()) for t in torch.linspace(0, 1, 8)]) for fn in (lerp, slerp)]
+        grid, nrow = torch.cat([model.decode(v) for v in rows]).float(), 8                 # rows: (8, h, w, d) each
     elif args.command == "crossover":                                        # stitched, then each round
         xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
         grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2

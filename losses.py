@@ -4,12 +4,8 @@
   Eq. 8   pixel consistency     L(D(v_NOISY), sg(D(v_noisy)))   the same, target under stop-grad
   Eq. 9   latent consistency    1 - cos(v, E(D(v_NOISY)))       target v detached
   Eq. 10  total = weighted sum of the three (weights per dataset, REFERENCE.md Sec. 4)
-
-Images come in [-1, 1]; the distance sees them in [0, 1], LPIPS in [-1, 1] (its own convention).
-Perceptual = LPIPS with a VGG-16 backbone (`load_perceptual`); its VGG weights download on first use.
-Optionally, as in the authors' release, mixed with the MSE of ImageNet ConvNeXt-Small logits:
-(LPIPS + 0.1 ConvNeXt) / 1.1 (`--convnext 0.1` in train.py; another download).
-Tested by `python -m pytest -q tests/test_losses.py`.
+Images in [-1, 1]; the distance sees [0, 1], LPIPS-VGG [-1, 1]. Optionally, as released, perceptual =
+(LPIPS + 0.1 ConvNeXt) / 1.1 with ConvNeXt-Small logits (`--convnext 0.1`). Tested by tests/test_losses.py.
 """
 from dataclasses import dataclass
 
@@ -49,8 +45,7 @@ def cosine_loss(target, pred):
 
 
 def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None):
-    """Eq. 7-10 from the outputs of SphereEncoder.forward. Returns a dict of scalar tensors:
-    recon, pix_con, lat_con and their weighted sum 'total' (the one to backpropagate)."""
+    """Eq. 7-10 from SphereEncoder.forward's outputs: scalars recon, pix_con, lat_con and their sum total."""
     recon = pixel_loss(x_noisy, x, w.recon_dist, w.recon_perc, perceptual)                # Eq. 7
     pix_con = pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist, w.con_perc, perceptual)   # Eq. 8: sg(D(v_noisy))
     lat_con = w.lat_con * cosine_loss(z.detach(), z_re)                                   # Eq. 9: v = f(z), cos is scale-free
@@ -58,10 +53,7 @@ def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None)
 
 
 class Perceptual(torch.nn.Module):
-    """Per-sample perceptual distance (B,) of images in [-1, 1]: LPIPS-VGG, or with w_convnext > 0
-    the release's mix (LPIPS + w ConvNeXt) / (1 + w), where ConvNeXt is the MSE between the
-    ImageNet ConvNeXt-Small logits of both images, resized to 224 (REFERENCE.md Sec. 4)."""
-
+    """Perceptual distance (B,): LPIPS-VGG, or (LPIPS + w MSE of ConvNeXt logits) / (1 + w) (REFERENCE.md Sec. 4)."""
     def __init__(self, lpips, convnext=None, w_convnext=0.0):
         super().__init__()
         self.lpips, self.convnext, self.w = lpips, convnext, w_convnext
@@ -87,9 +79,7 @@ def _offline_error(what, file, err, flag):
 
 
 def load_perceptual(w_convnext=0.0, pretrained=True):
-    """The frozen perceptual loss. pretrained=False gives randomly initialised backbones (no
-    download: for tests and benchmarks only, it is no perceptual metric). Offline without the
-    weight files, raise an error that says which file to put where."""
+    """The frozen perceptual loss (pretrained=False: random backbones, for tests and benchmarks only)."""
     import warnings
 
     import lpips

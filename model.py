@@ -1,14 +1,7 @@
-"""The Sphere Encoder: a ViT + MLP-Mixer encoder onto the sphere and a Mixer + ViT decoder back.
-
-Sphere Encoder (arXiv 2602.15030), Sec. 2.4 and 3, details per ../shared/REFERENCE.md Sec. 2.
-Read bottom-up: positions (sin-cos table, 2D RoPE) -> attention, SwiGLU -> AdaLN-Zero Block ->
-Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of Eq. 4-9.
-
-    from model import SphereEncoder, make_config
-    model = SphereEncoder(make_config("tiny", "toy"))
-    z = model.encode(x, y)          # (B, 3, H, W) -> (B, h, w, d)
-    x = model.decode(spherify(z), y)  # -> (B, 3, H, W) in [-1, 1]
-
+"""The Sphere Encoder (arXiv 2602.15030, Sec. 2.4 and 3; ../shared/REFERENCE.md Sec. 2): a ViT + MLP-Mixer
+encoder onto the sphere and a Mixer + ViT decoder back. Read bottom-up: positions -> attention, SwiGLU ->
+AdaLN-Zero Block -> Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of
+Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
 import os
@@ -91,24 +84,17 @@ def make_config(size="tiny", dataset="toy", **overrides):
     return Config(**{**kw, **latent, **overrides})
 
 
-# ----------------------------------------------------------------------------- positions
 def sincos_2d(grid, dim):
-    """Fixed 2D sin-cos absolute positions (Sec. 2.4): [sin, cos] of the column in the first half
-    of the channels, of the row in the second ([released] order). (grid*grid, dim), row-major."""
+    """2D sin-cos positions (Sec. 2.4): [sin, cos] of the column, then of the row [released]: (grid*grid, dim)."""
     assert dim % 4 == 0
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    out = []
-    for pos in (cols.flatten(), rows.flatten()):
-        ang = pos[:, None] * omega[None]                                    # (N, dim/4)
-        out += [ang.sin(), ang.cos()]
-    return torch.cat(out, dim=1).float()                                    # (N, dim)
+    angs = [pos.flatten()[:, None] * omega[None] for pos in (cols, rows)]   # 2 x (N, dim/4)
+    return torch.cat([f(a) for a in angs for f in (torch.sin, torch.cos)], dim=1).float()  # (N, dim)
 
 
 def rope_2d(grid, head_dim, theta=10000.0):
-    """2D RoPE tables (Sec. 2.4; [released]: the first half of each head turns with the row, the
-    second half with the column). Channel pairs are adjacent, (2i, 2i+1), as in the release.
-    Returns cos, sin of shape (N, head_dim), each angle repeated for both channels of its pair."""
+    """2D RoPE (Sec. 2.4): head halves turn with row, column; pairs (2i, 2i+1) [released]: cos, sin (N, hd)."""
     assert head_dim % 4 == 0
     freqs = 1.0 / theta ** (torch.arange(head_dim // 4) / (head_dim // 4))  # (hd/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -123,7 +109,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
 
 
-# ----------------------------------------------------------------------------- layers
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]                        # (B, N, D)
 
@@ -155,10 +140,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with AdaLN-Zero (DiT): the class embedding c gives shift, scale
-    and gate for attention and MLP through a zero-init Linear, so the block starts as identity.
-    Unconditional models (c is None) use plain pre-norm residuals."""
-
+    """Pre-norm block with AdaLN-Zero (DiT): zero-init shift, scale, gate from c; c None: plain residuals."""
     def __init__(self, dim, heads, mlp_ratio, cond):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-6)                             # learned affine [released]
@@ -177,9 +159,7 @@ class Block(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    """RMSNorm, then x (1 + scale) + shift from the class embedding (zero-init): 'AdaLN-modulated
-    RMSNorm'. Without classes it is nothing at all: the last Linear sees the ViT's output [released]."""
-
+    """AdaLN-modulated RMSNorm (zero-init); without classes the identity [released]."""
     def __init__(self, dim, cond):
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=1e-6) if cond else None
@@ -191,7 +171,6 @@ class FinalNorm(nn.Module):
 
 class MixerBlock(nn.Module):
     """x += a1 TokenMix(norm(x)); x += a2 ChannelMix(norm(x)); a1 = a2 = 0 at init [released]."""
-
     def __init__(self, tokens, dim):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-6)
@@ -206,9 +185,7 @@ class MixerBlock(nn.Module):
 
 
 class Mixer(nn.Module):
-    """MLP-Mixer layers ending in an RMSNorm with learned affine, which bounds the latent
-    magnitude and keeps training stable when D(v_noisy) and D(v_NOISY) diverge (Sec. 2.4)."""
-
+    """MLP-Mixer layers, then an RMSNorm that bounds the latent magnitude for stability (Sec. 2.4)."""
     def __init__(self, tokens, dim, depth):
         super().__init__()
         self.blocks = nn.ModuleList([MixerBlock(tokens, dim) for _ in range(depth)])
@@ -222,7 +199,6 @@ class Mixer(nn.Module):
 
 class ViT(nn.Module):
     """Sin-cos positions, AdaLN-Zero blocks with 2D RoPE, final modulated norm; (B, N, D)."""
-
     def __init__(self, grid, dim, depth, heads, mlp_ratio, num_classes):
         super().__init__()
         cond = num_classes > 0
@@ -243,10 +219,8 @@ class ViT(nn.Module):
         return self.norm(x, c)
 
 
-# ----------------------------------------------------------------------------- encoder, decoder
 class Encoder(nn.Module):
     """Patchify -> ViT -> Linear(width, d) -> Mixer -> z (B, N, d)  [released order]."""
-
     def __init__(self, cfg):
         super().__init__()
         w, N = cfg.enc_width, cfg.grid ** 2
@@ -263,7 +237,6 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Linear(d, width) -> Mixer -> ViT -> pixel head -> tanh: (B, N, d) -> (B, C, H, W)."""
-
     def __init__(self, cfg):
         super().__init__()
         w, N, P, C = cfg.dec_width, cfg.grid ** 2, cfg.patch_size, cfg.channels
@@ -291,7 +264,6 @@ class Decoder(nn.Module):
         return torch.tanh(self.conv(x))                                     # (B, C, H, W) in [-1, 1]
 
 
-# ----------------------------------------------------------------------------- the model
 class SphereEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -300,9 +272,7 @@ class SphereEncoder(nn.Module):
         self.initialize()
 
     def initialize(self):
-        """Init per REFERENCE.md Sec. 2 [released]: at init the encoder outputs 0, every block is
-        the identity, and the decoder output is a near-constant image. Conv weights get Xavier on
-        their 2-D view (out, in*k*k), whose fans differ from torch's 4-D ones."""
+        """Init per REFERENCE.md Sec. 2 [released]; convs get Xavier on their 2-D view (out, in*k*k)."""
         xavier_2d = lambda w, gain=1.0: nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=gain)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
@@ -324,15 +294,11 @@ class SphereEncoder(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 xavier_2d(m.weight, gain=0.01)
 
-    # --- labels: row num_classes of each class table is the null class (CFG, reconstruction)
-    def null_labels(self, batch, device=None):
+    def null_labels(self, batch, device=None):                              # row num_classes: the null class
         return torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device)
 
-    def labels(self, y, batch, device):
-        """None -> the null class (or nothing, for an unconditional model)."""
-        if self.cfg.num_classes == 0:
-            return None
-        return self.null_labels(batch, device) if y is None else y
+    def labels(self, y, batch, device):                                     # None -> null class
+        return None if self.cfg.num_classes == 0 else self.null_labels(batch, device) if y is None else y
 
     def drop_labels(self, y, p):
         """Replace each label by the null class with probability p (Sec. 2.4: p = 0.1 for CFG)."""
@@ -340,7 +306,6 @@ class SphereEncoder(nn.Module):
             return y
         return torch.where(torch.rand(y.shape, device=y.device) < p, self.cfg.num_classes, y)
 
-    # --- the public API
     def encode(self, x, y=None):
         """E: images (B, C, H, W) in [-1, 1] -> latent z (B, h, w, d), before spherify."""
         g = self.cfg.grid
@@ -354,11 +319,8 @@ class SphereEncoder(nn.Module):
         return self.decoder(v, self.labels(y, B, v.device))
 
     def forward(self, x, y, sigma, sigma_sub, p_drop=0.1):
-        """The training pass, Eq. 4-9, in one call (so DDP/FSDP see one forward per step):
-        encode once, two noisy latents from one noise draw, one decoder pass on the doubled
-        batch, and the re-encoding that latent consistency needs. Labels are dropped to the
-        null class independently at each network call (p_drop, Sec. 2.4). Returns
-        z (target of Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
+        """The training pass, Eq. 4-9, one call (p_drop per network call, Sec. 2.4). Returns z (target of
+        Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
         y = self.labels(y, x.shape[0], x.device)
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
@@ -368,15 +330,12 @@ class SphereEncoder(nn.Module):
         z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
         return z, x_NOISY, x_noisy, z_re
 
-    def set_grad_checkpointing(self, on=True):
-        self.encoder.vit.grad_ckpt = self.decoder.vit.grad_ckpt = on
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+    def set_grad_checkpointing(self, on=True): self.encoder.vit.grad_ckpt = self.decoder.vit.grad_ckpt = on
+    def num_params(self): return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self):
-        """Forward matmul FLOPs per image (2 per multiply-add), {"encoder", "decoder"}: every
-        Linear counts 2 * rows * in * out, attention 4 * N^2 * width per layer, AdaLN once per image."""
+        """Forward matmul FLOPs per image {"encoder", "decoder"}: Linear 2 rows in out, attention 4 N^2 width,
+        AdaLN once per image, pixel-head convs."""
         cfg, N, P, C = self.cfg, self.cfg.grid ** 2, self.cfg.patch_size, self.cfg.channels
 
         def vit(w, depth):
@@ -386,7 +345,6 @@ class SphereEncoder(nn.Module):
 
         def mixer(D):                                                       # token + channel mixing
             return cfg.mixer_depth * (2 * D * 2 * N * N + 2 * N * 4 * D * D)
-
         w, d = cfg.enc_width, cfg.latent_dim
         enc = 2 * N * (C * P * P * w + w * w + w * d) + vit(w, cfg.enc_depth) + mixer(d)
         w = cfg.dec_width
@@ -396,15 +354,12 @@ class SphereEncoder(nn.Module):
         return {"encoder": enc, "decoder": dec}
 
 
-# ----------------------------------------------------------------------------- checkpoints, processes
-# A checkpoint is a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images} of
-# tensors and builtins, so torch.load(weights_only=True) reads it without running pickled code.
+# A checkpoint: a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images}: weights_only=True.
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write path.tmp, flush it to the disk, rename it over path; a kill or a full disk at any
-    moment leaves the previous file whole. A failed write -> DataError (one line), temp file removed."""
+    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -421,8 +376,7 @@ def save_checkpoint(obj, path):
 
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) of any file (also convert.py's released .pth); a file that is
-    missing, not a zip archive, truncated or corrupt -> DataError, one line naming the cause."""
+    """torch.load(path, weights_only=True) of any file; missing, not a zip, truncated, corrupt -> DataError."""
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
@@ -466,8 +420,7 @@ def load_model(path, device="cpu"):
 
 
 def load_model_and_data(args):
-    """viz.py, edit.py: the model of --ckpt on --device, its training args, and the images of --dataset /
-    --data_dir (default: the checkpoint's) at the model's size."""
+    """viz.py, edit.py: model of --ckpt, its training args, the images of --dataset (default: the ckpt's)."""
     model, targs = load_model(args.ckpt, args.device)
     ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
                           model.cfg.image_size)
@@ -475,8 +428,7 @@ def load_model_and_data(args):
 
 
 def init_distributed(device):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or per CPU slot, gloo), TF32 on.
-    Returns (world, rank, device), the device of this process."""
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or gloo CPU slot), TF32 on."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -490,8 +442,7 @@ def init_distributed(device):
 
 
 def shard(model, device, world):
-    """FSDP2: one unit per transformer block and per Mixer, then the rest; bf16 compute with fp32
-    gradient reduction on GPU. Parameters, gradients and AdamW state are split over the world."""
+    """FSDP2: a unit per block and per Mixer, then the rest; on GPU bf16 compute, fp32 grad reduction."""
     import warnings
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

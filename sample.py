@@ -1,9 +1,5 @@
-"""Generate images with a trained Sphere Encoder: Algorithm 1 with classifier-free guidance.
-
-Sphere Encoder (arXiv 2602.15030): Alg. 1 / Sec. 2.4 (sampling), Eq. 13 (noise schedule),
-App. C.1 (CFG positions). Step 1 decodes a random point on the sphere, D(f(e)); every further
-step re-encodes the image, puts it back on the sphere with noise r sigma_max e', and decodes.
-
+"""Generate images with a trained Sphere Encoder (arXiv 2602.15030): Alg. 1 / Sec. 2.4, Eq. 13 noise
+schedule, classifier-free guidance (App. C.1). Step 1 decodes D(f(e)), later steps re-encode and re-noise.
     python sample.py --ckpt out/toy/last.pt --steps 4
     torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
 """
@@ -21,11 +17,8 @@ from model import init_distributed, load_model
 from spherify import generate, sigma_max, spherify
 
 
-# ----------------------------------------------------------------------------- command line
 def fidelity(samples, args, train_args):
-    """FID / IS of uint8 samples (N, 3, H, W) with torch-fidelity against the training set of
-    the checkpoint's dataset or an image folder (--ref DIR). The training set's Inception statistics
-    are cached by torch-fidelity under a name, so they are computed once."""
+    """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity against the training set or --ref DIR."""
     import torch_fidelity
 
     class U8(torch.utils.data.Dataset):                                     # torch-fidelity wants uint8
@@ -34,16 +27,13 @@ def fidelity(samples, args, train_args):
         def __getitem__(self, i):
             x = self.x[i][0] if isinstance(self.x[i], tuple) else self.x[i]  # dataset items are (image, label)
             return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-
     kw = dict(input1=U8(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
               feature_extractor_weights_path=args.inception_weights)
-    if args.fid:
-        if args.ref:
-            kw["input2"] = args.ref
-        else:
-            ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), train_args["image_size"])
-            kw["input2"] = U8(ds)
-            kw["input2_cache_name"] = f"sphere-{train_args['dataset']}-{train_args['image_size']}-train"
+    if args.fid and args.ref:
+        kw["input2"] = args.ref
+    elif args.fid:                                                          # the training set, statistics cached
+        ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), train_args["image_size"])
+        kw.update(input2=U8(ds), input2_cache_name=f"sphere-{train_args['dataset']}-{train_args['image_size']}-train")
     try:
         return torch_fidelity.calculate_metrics(**kw)
     except Exception as err:                                                # offline Inception download, ...
@@ -61,14 +51,10 @@ def frechet_distance(f1, f2):
 
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
-    """Offline scores on the toy data: the Frechet distance between samples and as many training
-    images in the toy classifier's features (lower is better), how often the classifier finds
-    the class the sample was asked for, and the colour spread: the per-channel pixel std of the
-    samples over that of the data, averaged over channels (1 = as varied in colour as the data).
-    samples: (N, C, H, W) in [-1, 1]."""
+    """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class acc., colour spread."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
-    feats = lambda x: torch.cat([classifier.features(b) for b in x.split(256)]).double().numpy()
+    feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()
     acc = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float().mean().item()
     std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
     return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc,
@@ -77,8 +63,7 @@ def toy_scores(samples, labels, classifier):
 
 @torch.no_grad()
 def toy_colour_error(model, n=500, batch=250):
-    """Reconstruction colour error on toy images: mean absolute difference between the mean colour
-    of x and of D(f(E(x))) (null class, r = 0), per image and channel, in 0-255 units."""
+    """Mean |mean colour of x - of D(f(E(x)))| over toy images and channels, in 0-255 units."""
     ds = ToyShapes()
     x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
     rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
@@ -90,8 +75,7 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
-    p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), default=None,
-                   help="samples per steps setting (default: 8 per class, or 64)")
+    p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), help="default: 8 per class, or 64")
     p.add_argument("--classes", type=int_list, default="all", help="'all' or a list like 3,5 (balanced over them)")
     p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
@@ -111,7 +95,6 @@ def main(argv=None):
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-
     steps_list = args.steps or [0]
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {','.join(map(str, steps_list))}")
@@ -136,10 +119,8 @@ def main(argv=None):
     # labels balanced over the chosen classes, grouped so grid rows are classes
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
-
     for steps in steps_list:
-        # torchrun: batches are dealt round-robin to ranks and gathered on rank 0. Batch i always uses
-        # seed (args.seed, i), so the samples do not depend on the number of processes.
+        # torchrun: batches dealt round-robin, gathered on rank 0; batch i seeded by (seed, i) on any world size
         mine, first = [], None
         for i in tqdm(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)

@@ -1,16 +1,10 @@
-"""The sphere and the noise on it: small pure functions, one per equation.
-
-Sphere Encoder (Hou, Yue, Jia, Goldstein, arXiv 2602.15030), Sec. 2.1-2.2, 2.4, 6 and App. C.2:
+"""The sphere and its noise, one pure function per equation (arXiv 2602.15030, Sec. 2.1-2.2, 2.4, 6, App. C.2):
   Eq. 1      spherify: flatten a latent and RMS-normalize it onto the sphere of radius sqrt(L)
   Eq. 4-6    noisy_latents: v_NOISY = f(v + sigma e), v_noisy = f(v + s sigma e), the same e
   Eq. 5, C.2 noise_levels: sigma = r tan(alpha), with angle mixing into a high band
   Eq. 11-12  sigma_max: the noise angle alpha <-> sigma = tan(alpha); angle_deg measures it
   Eq. 13     sampling_r: the noise strength at each sampling step
   Alg. 1     generate / refine: the walk on the sphere that samples, with CFG (App. C.1)
-
-Nothing here has parameters (generate and refine take the model as an argument); model.py,
-train.py, sample.py, viz.py and edit.py all call these.
-Check them against the paper with `python -m pytest -q tests/test_spherify.py`.
 """
 import math
 
@@ -18,18 +12,13 @@ import torch
 
 
 def spherify(z, eps=1e-6):
-    """Eq. 1: v = f(z) = sqrt(L) z / ||z||, over all L = h*w*d elements of each sample.
-
-    Written as z / sqrt(mean(z^2) + eps) (REFERENCE.md Sec. 1): no mean subtraction, and finite
-    at z = 0. Keeps the input's shape: (B, ...) -> (B, ...), with ||v.flatten(1)|| = sqrt(L).
-    """
+    """Eq. 1: v = f(z) = sqrt(L) z / ||z|| = z / sqrt(mean(z^2) + eps) (REFERENCE.md Sec. 1): (B, ...) -> (B, ...)."""
     ms = z.pow(2).flatten(1).mean(1)                      # (B,) mean square per sample
     return z * torch.rsqrt(ms + eps).view(-1, *[1] * (z.dim() - 1))
 
 
 def sigma_max(alpha_deg):
-    """Eq. 11-12: for large L, e is orthogonal to v and ||e|| ~ ||v||, so adding sigma e turns
-    v by the angle arctan(sigma). The largest training angle alpha thus gives sigma = tan(alpha)."""
+    """Eq. 11-12: for large L, e _|_ v and ||e|| ~ ||v||, so sigma e turns v by arctan(sigma): tan(alpha)."""
     return math.tan(math.radians(alpha_deg))
 
 
@@ -40,9 +29,7 @@ def angle_deg(a, b):
 
 
 def stratified_uniform(n, generator=None, device=None):
-    """n draws in [0, 1] spread evenly over the batch (REFERENCE.md Sec. 3, [released]):
-    n - 2 jittered strata plus exactly one 0 and one 1, in random order. Lower variance than
-    plain U[0, 1] (Eq. 5's reading), and every batch sees both the clean and the noisiest case."""
+    """n draws in [0, 1]: n - 2 jittered strata plus one 0 and one 1, shuffled (REFERENCE.md Sec. 3, Eq. 5)."""
     if n < 3:
         return torch.rand(n, generator=generator, device=device)
     jitter = torch.rand(n - 2, generator=generator, device=device)
@@ -76,10 +63,7 @@ def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, gener
 
 
 def noisy_latents(v, sigma, sigma_sub, e=None):
-    """Eq. 4 and Eq. 6: two noisy copies of the latent v on the sphere, from the same noise e.
-
-    v: (B, ...) on the sphere; sigma, sigma_sub: (B,). Returns (v_NOISY, v_noisy), shapes of v.
-    """
+    """Eq. 4 and Eq. 6: two noisy copies of v (B, ...) from the same noise e; sigma, sigma_sub: (B,)."""
     e = torch.randn_like(v) if e is None else e          # e ~ N(0, I_L), shared by both
     bc = lambda t: t.view(-1, *[1] * (v.dim() - 1))       # (B,) -> (B, 1, ..., 1)
     v_NOISY = spherify(v + bc(sigma) * e)                 # Eq. 4
@@ -88,26 +72,18 @@ def noisy_latents(v, sigma, sigma_sub, e=None):
 
 
 def sampling_r(t, steps, gamma=0.0):
-    """Eq. 13: the noise strength r at sampling step t = 2..T (step 1 adds none).
-
-    r = (1 - (t-1)/(T-1))^gamma. gamma = 0 keeps r = 1 at every step (the paper's best, Tab. 6);
-    gamma = 1 decays linearly to 0 at the last step. ([released] code decays as 1 - t/T instead,
-    which never reaches 0; we follow the paper's equation.)
-    """
+    """Eq. 13: r = (1 - (t-1)/(T-1))^gamma at step t = 2..T; gamma 0: r = 1 (best, Tab. 6). [released]: 1 - t/T."""
     assert 2 <= t <= steps, f"step {t} out of 2..{steps}"
     return (1.0 - (t - 1) / (steps - 1)) ** gamma
 
 
-# ----------------------------------------------------------------------------- Algorithm 1
 def guidance_scales(cfg, position):
-    """(w_pixel, w_latent) for a total CFG strength cfg. Combo splits it as sqrt(cfg) at each
-    position so the total is cfg (App. C.1)."""
+    """(w_pixel, w_latent) for a total CFG strength cfg; combo puts sqrt(cfg) at each (App. C.1)."""
     return {"pixel": (cfg, 1.0), "latent": (1.0, cfg), "combo": (cfg ** 0.5, cfg ** 0.5)}[position]
 
 
 def _guided(fn, inp, y, w, null):
-    """fn(inp, y) with CFG: uncond + w (cond - uncond), one batched call. Guidance only for
-    w > 1 [released]: w < 1 would extrapolate away from the class, so it is plain fn too."""
+    """fn(inp, y) with CFG: uncond + w (cond - uncond), one batched call; only for w > 1 [released]."""
     if y is None or w <= 1.0:
         return fn(inp, y)
     cond, uncond = fn(torch.cat([inp, inp]), torch.cat([y, null])).chunk(2)
@@ -116,10 +92,8 @@ def _guided(fn, inp, y, w, null):
 
 @torch.no_grad()
 def refine(model, x, y, rs, sigma_max, cfg=1.0, cfg_position="combo", noise="shared", generator=None, trace=None):
-    """The loop of Algorithm 1 from an image x: for each r in rs, encode, put the latent back on
-    the sphere with noise r sigma_max e', decode. Returns the image after each round.
-    noise: "shared" draws e' once and reuses it (the paper's best, Tab. 6), "independent" draws a
-    fresh e' every round. trace: a list that receives the v decoded at each round (viz.py)."""
+    """Algorithm 1's loop from x: per r in rs, encode, re-noise with r sigma_max e', decode; the image of
+    each round. noise "shared": one e' (best, Tab. 6), "independent": a new e' each round; trace gets each v."""
     w_pix, w_lat = guidance_scales(cfg, cfg_position)
     null = None if y is None else model.null_labels(len(y), y.device)
     xs, e2 = [], None
@@ -138,10 +112,8 @@ def refine(model, x, y, rs, sigma_max, cfg=1.0, cfg_position="combo", noise="sha
 @torch.no_grad()
 def generate(model, e, y=None, steps=4, sigma_max=5.67, gamma=0.0, cfg=1.0, cfg_position="combo",
              noise="shared", generator=None, trace=None):
-    """Algorithm 1. e: (B, h, w, d) Gaussian noise; y: (B,) labels or None (null class /
-    unconditional). Returns a list of the images after each step, each (B, C, H, W) in [-1, 1]:
-    a step is one decoder pass, so steps=1 is exactly D(f(e)) (Eq. 3). Steps t = 2..T re-encode
-    with noise strength r = sampling_r(t, T, gamma) (Eq. 13; gamma 0 = fixed r = 1, the best)."""
+    """Algorithm 1. e: (B, h, w, d) noise, y: (B,) or None. -> the images (B, C, H, W) after each step;
+    steps=1 is D(f(e)) (Eq. 3), steps t = 2..T re-encode at r = sampling_r(t, T, gamma) (Eq. 13)."""
     w_pix, _ = guidance_scales(cfg, cfg_position)
     null = None if y is None else model.null_labels(len(y), y.device)
     v = spherify(e)                                                         # step 1: no added noise

@@ -1,15 +1,10 @@
-"""Train a Sphere Encoder, from one CPU to many GPUs (DDP via torchrun).
-
-Sphere Encoder (arXiv 2602.15030): one step is Eq. 4-10 (SphereEncoder.forward + losses.py),
-hyperparameters per Sec. 3, 6, App. C.2, D and ../shared/REFERENCE.md Sec. 3-5.
-
+"""Train a Sphere Encoder, one CPU to many GPUs (arXiv 2602.15030): a step is Eq. 4-10; settings per
+Sec. 3, 6, App. C.2, D and REFERENCE.md Sec. 3-5.
     python train.py                                            # tiny model, toy data, CPU, minutes
     python train.py --dataset cifar10 --data_dir data/cifar10  # Sphere-L on CIFAR-10
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /data/imagenet
     python train.py --resume --out_dir out/toy                 # continue from out/toy/last.pt
-
-Writes to --out_dir: last.pt (atomic), ckpt_<step>.pt copies, samples_<step>.png (rows = classes,
-Algorithm 1), recon_<step>.png (originals over reconstructions) and log.jsonl.
+Writes to --out_dir: last.pt, ckpt_<step>.pt, samples_<step>.png (Algorithm 1), recon_<step>.png, log.jsonl.
 """
 import itertools
 import json
@@ -56,7 +51,6 @@ DATASETS = {
 
 
 def get_args(argv=None):
-    """The flags, with per-dataset defaults filled in, and the checkpoint to resume from (or None)."""
     p = parser(__doc__)
     pos, count, real = at_least(1), at_least(0), at_least(0.0, float)
     p.add_argument("--dataset", default=None, choices=list(DATASETS), help="default: toy (or the checkpoint's)")
@@ -65,9 +59,9 @@ def get_args(argv=None):
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
     p.add_argument("--model", default=None, choices=list(SIZES), help="size (default per dataset)")
     p.add_argument("--image_size", type=pos, default=None)
-    p.add_argument("--alpha", type=float, default=None, help="max noise angle in degrees, sigma_max = tan(alpha) (Eq. 11-12)")
-    p.add_argument("--band", type=float, default=None, help="top of the angle-mixing band in degrees (App. C.2); <= alpha: off")
-    p.add_argument("--p_band", type=float, default=0.1, help="probability of a noise draw from the band (App. C.2)")
+    p.add_argument("--alpha", type=float, default=None, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
+    p.add_argument("--band", type=float, default=None, help="top of the mixing band (deg, App. C.2); <= alpha: off")
+    p.add_argument("--p_band", type=float, default=0.1, help="probability of a band draw (App. C.2)")
     p.add_argument("--epochs", type=real, default=None)
     p.add_argument("--max_steps", type=count, default=None, help="optimizer steps; overrides --epochs")
     p.add_argument("--warmup_epochs", type=real, default=None)
@@ -79,16 +73,15 @@ def get_args(argv=None):
     p.add_argument("--weight_decay", type=real, default=0.0)
     p.add_argument("--clip", type=real, default=1.0, help="gradient-norm clip")
     p.add_argument("--p_drop", type=float, default=0.1, help="label dropout to the null class (Sec. 2.4)")
-    p.add_argument("--weights", type=real, nargs=5, default=None, metavar="W",
-                   help="loss weights: recon dist, recon perc, con dist, con perc, lat-con (Eq. 10)")
+    p.add_argument("--weights", type=real, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, lat-con")
     p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
-    p.add_argument("--convnext", type=real, default=0.0, help="perceptual = (LPIPS + w ConvNeXt)/(1 + w); released 0.1")
+    p.add_argument("--convnext", type=real, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
     p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=count, default=None)
-    p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction of unreadable images")
+    p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction unreadable")
     p.add_argument("--log_every", type=pos, default=50)
     p.add_argument("--ckpt_every", type=pos, default=500, help="write last.pt every N steps")
     p.add_argument("--keep_every", type=count, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
@@ -97,7 +90,6 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
-    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
     ckpt = None
@@ -122,29 +114,22 @@ def get_args(argv=None):
     return args, ckpt
 
 
-# ----------------------------------------------------------------------------- helpers
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled by seed + epoch) that can start mid-epoch, so a resumed run
-    sees exactly the samples an uninterrupted run would."""
+    """DistributedSampler that can start mid-epoch: a resumed run sees what an uninterrupted one would."""
     start = 0
 
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self):
-        return super().__len__() - self.start
+    def __iter__(self): return itertools.islice(super().__iter__(), self.start, None)
+    def __len__(self): return super().__len__() - self.start
 
 
 def lr_range(args):
-    """(peak, min) lr: both scale linearly with the global batch / 256 (Sec. 5 [released]);
-    --lr sets the peak as given."""
+    """(peak, min) lr, both x global batch / 256 (Sec. 5 [released]); --lr sets the peak as given."""
     scale = args.batch_size / 256
     return (args.lr if args.lr is not None else args.base_lr * scale), args.min_lr * scale
 
 
 def get_lr(step, peak, warmup, total, min_lr):
-    """Linear warmup, then cosine decay that reaches min_lr at step total - warmup and holds it
-    to the end (REFERENCE.md Sec. 2 LR [released]: the decay spans total - 2 warmup steps)."""
+    """Linear warmup, cosine to min_lr at total - warmup, then held (REFERENCE.md Sec. 2 LR [released])."""
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
     t = (step - warmup) / max(1, total - 2 * warmup)
@@ -153,8 +138,7 @@ def get_lr(step, peak, warmup, total, min_lr):
 
 @torch.no_grad()
 def save_grids(model, x, args, step, device, n=8):
-    """samples_<step>.png: rows = classes (up to 10), n columns, Algorithm 1 from fixed noise;
-    recon_<step>.png: a row of training images over their reconstructions (null class, r = 0)."""
+    """samples_<step>.png: rows = classes (up to 10), Algorithm 1 from fixed noise; recon_<step>.png."""
     cfg, was_training = model.cfg, model.training
     model.eval()
     g = torch.Generator(device).manual_seed(1234)                           # same noise every time
@@ -170,8 +154,7 @@ def save_grids(model, x, args, step, device, n=8):
 
 
 def check_out_dir(args, params=0):
-    """Fail early: --out_dir must be writable, and hold a checkpoint (fp32 weights, the two AdamW
-    moments and the EMA copy: 4 bytes x params x 3 or 4); warn below 3 checkpoints' room."""
+    """Fail early: --out_dir must be writable with room for a checkpoint (4 bytes x params x 3, 4 with EMA)."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out_dir):                      # a real write: root ignores chmod
@@ -187,17 +170,13 @@ def check_out_dir(args, params=0):
 
 
 class Checkpointer:
-    """last.pt holds the whole state of a run: the full (unsharded, FQN-keyed: DDP and FSDP alike)
-    weights and optimizer, EMA, step, config, args, every rank's RNG and the unreadable images found.
-    save() writes it atomically from rank 0; restore() puts a run back exactly there."""
-
+    """last.pt: full (FQN-keyed) weights, optimizer, EMA, step, config, args, every rank's RNG, bad images."""
     def __init__(self, model, opt, ema, cfg, args, world, rank, device):
         self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
         self.world, self.rank, self.device = world, rank, device
         self.path, self.saved_step = os.path.join(args.out_dir, "last.pt"), None
 
-    def restore(self, ckpt):
-        """-> (step, unreadable images found so far) of the checkpoint."""
+    def restore(self, ckpt):                                                # -> (step, bad images)
         set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         for group, mult in zip(self.opt.param_groups, (self.args.enc_lr_mult, 1.0)):   # this run's flags
             group["lr_mult"], group["weight_decay"] = mult, self.args.weight_decay
@@ -230,7 +209,6 @@ class Checkpointer:
             save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
 
 
-# ----------------------------------------------------------------------------- main
 @script
 def main(argv=None):
     args, ckpt = get_args(argv)
@@ -240,17 +218,10 @@ def main(argv=None):
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
     if args.batch_size % (world * args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a positive multiple of GPUs x --grad_accum "
-            f"= {world * args.grad_accum}")
+        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {world * args.grad_accum}")
     master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
     print0 = lambda *a: master and print(*a, flush=True)
     check_out_dir(args)
-    if args.wandb:                                                          # fail on every rank, not just rank 0
-        try:
-            import wandb
-        except ImportError:
-            die("--wandb needs the wandb package: pip install wandb")
-
     # --- data: Guarded replaces an unreadable image by the next one and says which it was
     ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
     ds = Guarded(ds)
@@ -271,7 +242,6 @@ def main(argv=None):
             sampler.start = skip * args.grad_accum * micro
             yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
             epoch, skip = epoch + 1, 0
-
     # --- model, optimizer, EMA, checkpoint
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
                                                             num_classes=num_classes)
@@ -307,17 +277,13 @@ def main(argv=None):
         except RuntimeError as err:
             die(str(err))
     else:
-        print0("warning: training WITHOUT the perceptual (LPIPS) loss term (its weight is 0); "
-               "the paper uses it: --perceptual_weight 1 once VGG-16 weights are available")
+        print0("warning: training WITHOUT the paper's perceptual (LPIPS) loss term: --perceptual_weight 1 adds it")
     band = args.band if args.band > args.alpha else None
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     print0(f"{args.dataset}: {len(ds)} images, {num_classes} classes | model {args.model}: "
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
-    if args.wandb and master:
-        wandb.init(project="sphere-encoder", config=vars(args))
-
     # --- the loop
     data, logged, t0 = batches(step), step, time.time()
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
@@ -354,7 +320,6 @@ def main(argv=None):
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
         step += 1
         bar.update(1)
-
         if due(args.log_every) or due(args.ckpt_every):                     # the loop's only syncs
             if world > 1:
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
@@ -381,8 +346,6 @@ def main(argv=None):
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
                 with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                if args.wandb:
-                    wandb.log(rec, step=step)
         if due(args.ckpt_every):
             try:
                 checkpointer.save(step, bad)
@@ -398,11 +361,9 @@ def main(argv=None):
             if master:
                 save_grids(plain, x, args, step, device)
     bar.close()
-
     if world > 1 and not args.fsdp:   # safety net: DDP must have kept every replica identical
         flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
+        dist.broadcast(ref := flat.clone(), 0)
         same = torch.tensor(float(torch.equal(ref, flat)), device=device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")

@@ -1,13 +1,7 @@
 """Look at the latent sphere of a trained Sphere Encoder: PNG plots and a uniformity number.
-
-Sphere Encoder (arXiv 2602.15030): Sec. 4 and Fig. 7 (random 3D projections of the latents,
-one sphere per class), Eq. 4 and 11-12 (the noise angle), App. C.2 (angle mixing), Alg. 1 (the
-sampling trajectory). Beyond the paper: how uniformly the encoded latents cover the sphere,
-measured against the prior, so a healthy latent space can be told from a collapsed one.
-
+Sphere Encoder (arXiv 2602.15030): Sec. 4, Fig. 7 (3D projections, a sphere per class), Eq. 4, 11-12
+(noise angle), App. C.2 (angle mixing), Alg. 1 (trajectory); beyond the paper: uniformity vs the prior.
     python train.py && python viz.py      # reads out/toy/last.pt, writes out/toy/viz/*.png
-
-Writes sphere.png, sphere_per_class.png, noise.png, uniformity.png and prints the numbers.
 """
 import math
 import os
@@ -29,30 +23,13 @@ def project(v, P):
 
 
 def uniformity(v, t=2.0):
-    """How evenly points cover the sphere, in the full dimension L:
-      U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola's uniformity; lower is
-          more uniform: about -2t = -4 for the uniform prior in high dimension, 0 when collapsed);
-      cos_std = std of pairwise cosines x sqrt(L) (about 1 for uniform points).
-    Returns a dict of floats."""
+    """U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola; uniform ~ -2t = -4,
+    collapsed 0) and cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), as a dict."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)
-    cos = u @ u.T
     i, j = torch.triu_indices(len(u), len(u), offset=1)
-    c = cos[i, j]
+    c = (u @ u.T)[i, j]                                                     # pairwise cosines
     U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))       # ||u_i - u_j||^2 = 2 - 2 cos
     return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item()}
-
-
-@torch.no_grad()
-def encode_dataset(model, ds, n, device, batch=256):
-    """v = f(E(x, y)) of the first n images of ds (Eq. 1), with their labels: (n, L), (n,)."""
-    vs, ys = [], []
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    for k in range(0, len(idx), batch):
-        x, y = zip(*[ds[i] for i in idx[k:k + batch]])
-        x, y = torch.stack(x).to(device), torch.tensor(y, device=device)
-        vs.append(spherify(model.encode(x, y if model.cfg.num_classes else None)).flatten(1).float().cpu())
-        ys.append(y.cpu())
-    return torch.cat(vs), torch.cat(ys)
 
 
 def save(fig, out):
@@ -95,9 +72,7 @@ def plot_per_class(v, y, out, seed=0):
 
 
 def plot_noise(v, trajectory, alpha, band, out):
-    """(a) angle between v and its noisy copies against sigma, with arctan(sigma) (Eq. 11-12);
-    (b) the training noise angles under angle mixing (Eq. 5, App. C.2); (c) where Algorithm 1's
-    latent lands at each step, in one random projection."""
+    """Noisy copies' angle vs sigma (Eq. 11-12), training angles (Eq. 5, App. C.2), Algorithm 1's path."""
     fig = plt.figure(figsize=(15, 4.5))
     ax = fig.add_subplot(1, 3, 1)
     sig = torch.linspace(0, sigma_max(min(band, 89)), 60)
@@ -116,8 +91,7 @@ def plot_noise(v, trajectory, alpha, band, out):
     ang = torch.rad2deg(torch.atan(s))                                       # large-L angle of sigma
     ax.hist(ang, bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")
     ax.hist(torch.rad2deg(torch.atan(s_sub)), bins=90, range=(0, 90), alpha=0.7, label="v_noisy")
-    ax.set(xlabel="noise angle (degrees)", ylabel="count",
-           title=f"training angles: alpha {alpha:g}, band to {band:g} (App. C.2)")
+    ax.set(xlabel="noise angle (degrees)", ylabel="count", title=f"training angles: alpha {alpha:g}, band {band:g}")
     ax.legend(fontsize=7)
     P = torch.randn(v.shape[1], 3, generator=torch.Generator().manual_seed(1))
     ax = sphere_axes(fig, (1, 3, 3), f"Algorithm 1: latent at steps 1..{len(trajectory)}")
@@ -144,6 +118,7 @@ def plot_uniformity(v, prior, stats, out):
 
 
 @script
+@torch.no_grad()
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
@@ -159,8 +134,14 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-
-    v, y = encode_dataset(model, ds, min(args.n, len(ds)), args.device)      # (n, L)
+    vs, ys = [], []                                                         # v = f(E(x, y)) of n random images (Eq. 1)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.n].tolist()
+    for k in range(0, len(idx), 256):
+        x, y = zip(*[ds[i] for i in idx[k:k + 256]])
+        x, y = torch.stack(x).to(args.device), torch.tensor(y, device=args.device)
+        vs.append(spherify(model.encode(x, y if model.cfg.num_classes else None)).flatten(1).float().cpu())
+        ys.append(y.cpu())
+    v, y = torch.cat(vs), torch.cat(ys)                                     # (n, L), (n,)
     prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
     stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
     for name, s in stats.items():
@@ -171,7 +152,6 @@ def main(argv=None):
     e = torch.randn(k, cfg.grid, cfg.grid, cfg.latent_dim, device=args.device)
     labels = torch.arange(k, device=args.device) % cfg.num_classes if cfg.num_classes else None
     generate(model, e, labels, args.steps, sigma_max(targs["alpha"]), trace=trajectory)
-
     plot_spheres(v, y, prior, os.path.join(out, "sphere.png"))
     plot_per_class(v, y, os.path.join(out, "sphere_per_class.png"))
     plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"], os.path.join(out, "noise.png"))
