@@ -81,7 +81,7 @@ def test_data_check_lists_every_unreadable_file(folder):
 def test_killed_at_random_moments_resumes_bit_identical(tmp_path):
     """SIGKILL a real training process 4 times (once in the middle of writing a checkpoint, 3 times
     at random moments after a checkpoint), resume each time: the weights equal an unkilled run's."""
-    args = ["train.py", *FAST, "--max_steps", "16", "--ckpt_every", "2"]
+    args = ["train.py", *FAST, "--max_steps", "40", "--ckpt_every", "2"]    # room for 4 kills at ~0.1 s a step
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     last, rng = os.path.join(out, "last.pt"), random.Random(14)
@@ -106,11 +106,11 @@ def test_killed_at_random_moments_resumes_bit_identical(tmp_path):
         p.send_signal(signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL
         steps.append(model_py.load_checkpoint(last)["step"])               # last.pt always loads
-    assert steps[0] == 2 and steps == sorted(steps) and steps[-1] < 16, steps
+    assert steps[0] == 2 and steps == sorted(steps) and steps[-1] < 40, steps
     r = subprocess.run([sys.executable, *args, "--out_dir", ref], cwd=ROOT, capture_output=True, env=env, timeout=120)
     assert r.returncode == 0
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (ref, out))
-    assert a["step"] == b["step"] == 16
+    assert a["step"] == b["step"] == 40
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k                # bit-identical
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
