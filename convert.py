@@ -99,8 +99,6 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="where that dataset lives (for FID, viz.py, edit.py)")
     p.add_argument("--alpha", type=float, default=None, help="training noise angle (default: 80 at 32px, 85 above)")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.src):
-        die(f"no file at {args.src!r}")
     try:
         ckpt = read_checkpoint(args.src)                                    # weights_only: files from the internet
     except DataError as err:

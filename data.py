@@ -1,7 +1,6 @@
 """Datasets: a procedural toy set (the default, no download), CIFAR-10, ImageNet, Flowers-102, any
 ImageFolder tree; each yields (image (3, H, W) in [-1, 1], int label). The h-flip (Sec. 3) is in train.py.
 Bad input never ends in a traceback: die() prints one line, exit 2; unreadable files are skipped (Guarded).
-    python data.py --dataset toy --out toy.png     # a grid of 10 toy images per class
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
 import argparse
@@ -195,33 +194,26 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
     return ds, 0 if unconditional else len(ds.classes)                      # 0: train.py ignores the labels
 
 
-if __name__ == "__main__":
-    p = parser("Save a grid of dataset images (rows = classes), or --check it.", device=False)
+if __name__ == "__main__":                                    # read every item as training would; exit 1 if any fails
+    p = parser("List every unreadable image of a data set: python data.py --check --dataset D --data_dir DIR",
+               device=False)
     p.add_argument("--dataset", default="toy", choices=["toy", *WHERE])
     p.add_argument("--data_dir", default=None)
     p.add_argument("--image_size", type=at_least(1), default=32)
-    p.add_argument("--check", action="store_true", help="read every image and list the unreadable ones")
-    p.add_argument("--out", default="toy.png")
+    p.add_argument("--check", action="store_true", required=True, help="read every image, list the unreadable ones")
     args = p.parse_args()
-    from torchvision.utils import save_image
     try:
         ds = Guarded(build_dataset(args.dataset, args.data_dir, args.image_size)[0])
     except DataError as err:
         die(str(err))
-    if args.check:                                            # read every item as training would; exit 1 if any fails
-        from tqdm import tqdm
-        bad = []
-        for i in tqdm(range(len(ds)), desc="reading", unit="img"):
-            try:
-                ds.ds[i]
-            except Exception as err:
-                bad.append(ds.path(i))
-                why = str(err).splitlines()[0] if str(err) else ""
-                tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {why})")
-        print(f"{len(bad)} of {len(ds)} images unreadable{': remove or replace them before training' if bad else ''}")
-        sys.exit(1 if bad else 0)
-    x = torch.stack([ds[i][0] for i in range(min(100, len(ds)))])
-    if args.dataset == "toy":                                 # rows = classes
-        x = x.view(10, 10, *x.shape[1:]).transpose(0, 1).reshape_as(x)
-    save_image(x * 0.5 + 0.5, args.out, nrow=10, padding=1)
-    print(f"wrote {args.out}")
+    from tqdm import tqdm
+    bad = []
+    for i in tqdm(range(len(ds)), desc="reading", unit="img"):
+        try:
+            ds.ds[i]
+        except Exception as err:
+            bad.append(ds.path(i))
+            why = str(err).splitlines()[0] if str(err) else ""
+            tqdm.write(f"unreadable: {bad[-1]} ({type(err).__name__}: {why})")
+    print(f"{len(bad)} of {len(ds)} images unreadable{': remove or replace them before training' if bad else ''}")
+    sys.exit(1 if bad else 0)

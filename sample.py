@@ -93,7 +93,6 @@ def main(argv=None):
     p.add_argument("--ref", default=None, help="FID reference: an image folder (default: the training set)")
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
-    p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     steps_list = args.steps or [0]
     if min(steps_list) < 1:
@@ -110,8 +109,6 @@ def main(argv=None):
         die("--toy_metrics is for models trained on the toy data")
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     alpha = args.alpha if args.alpha is not None else train_args["alpha"]
-    if args.compile:                                                        # encode/decode are not forward():
-        model.encoder.compile(), model.decoder.compile()                    # compile the networks in place
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
     if args.toy_metrics and rank == 0:

@@ -29,7 +29,8 @@ def uniformity(v, t=2.0):
     i, j = torch.triu_indices(len(u), len(u), offset=1)
     c = (u @ u.T)[i, j]                                                     # pairwise cosines
     U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))       # ||u_i - u_j||^2 = 2 - 2 cos
-    return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item()}
+    return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item(),
+            "cos": c}
 
 
 def save(fig, out):
@@ -103,14 +104,11 @@ def plot_noise(v, trajectory, alpha, band, out):
     save(fig, out)
 
 
-def plot_uniformity(v, prior, stats, out):
+def plot_uniformity(L, stats, out):
     """Pairwise cosines (x sqrt(L)) of encoded latents against the prior's, with the numbers."""
-    L = v.shape[1]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for pts, name in ((prior, "prior"), (v, "encoded")):
-        u = torch.nn.functional.normalize(pts.double(), dim=1)
-        i, j = torch.triu_indices(len(u), len(u), offset=1)
-        ax.hist(((u @ u.T)[i, j] * math.sqrt(L)).numpy(), bins=100, density=True, alpha=0.6,
+    for name in ("prior", "encoded"):
+        ax.hist((stats[name]["cos"] * math.sqrt(L)).numpy(), bins=100, density=True, alpha=0.6,
                 label=f"{name}: U {stats[name]['uniformity']:.3f}, cos std {stats[name]['cos_std']:.2f}")
     ax.set(xlabel="pairwise cosine x sqrt(L)", ylabel="density", title="coverage of the sphere (uniform: U ~ -4, std ~ 1)")
     ax.legend(fontsize=8)
@@ -155,7 +153,7 @@ def main(argv=None):
     plot_spheres(v, y, prior, os.path.join(out, "sphere.png"))
     plot_per_class(v, y, os.path.join(out, "sphere_per_class.png"))
     plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"], os.path.join(out, "noise.png"))
-    plot_uniformity(v, prior, stats, os.path.join(out, "uniformity.png"))
+    plot_uniformity(v.shape[1], stats, os.path.join(out, "uniformity.png"))
     print(f"wrote {out}/sphere.png, sphere_per_class.png, noise.png, uniformity.png")
 
 

@@ -123,7 +123,7 @@ def test_bad_files_give_one_line(tmp_path, capsys):
     cases = [(text, "cannot read"), (plain, "no 'model' entry (found ['state_dict'])"),
              (bad_shape, "decoder.vit.blocks.0.attn.qkv.weight: shape (7, 512)"),
              (extra, "maps to nothing here: encoder.blocks.0.extra.weight"),
-             (tmp_path / "missing.pth", "no file at")]
+             (tmp_path / "missing.pth", "no checkpoint at")]
     for path, message in cases:
         with pytest.raises(SystemExit) as exit_:
             convert.main([str(path), str(tmp_path / "out.pt")])

@@ -81,7 +81,7 @@ def test_plots_write_valid_pngs(model, tmp_path):
     viz.plot_spheres(v, y, prior, tmp_path / "a.png")
     viz.plot_per_class(v, y, tmp_path / "b.png")
     viz.plot_noise(v, traj, 80, 85, tmp_path / "c.png")
-    viz.plot_uniformity(v, prior, stats, tmp_path / "d.png")
+    viz.plot_uniformity(v.shape[1], stats, tmp_path / "d.png")
     for f in "abcd":
         im = Image.open(tmp_path / f"{f}.png")
         im.verify()
