@@ -1,9 +1,8 @@
 """Image editing with a trained Sphere Encoder (arXiv 2602.15030), one PNG grid per command, of training
 images by index: Eq. 2 (reconstruction), Sec. 4 / Fig. 6 (noise-corner grid), Sec. 5 (crossover, conditional
-manipulation); beyond the paper: lerp / slerp between two images' latents.
+manipulation).
     python edit.py recon      --ckpt out/toy/last.pt --images 0,1,2,3
     python edit.py grid       --ckpt out/toy/last.pt --target 3     # Fig. 6: noise-corner interpolation
-    python edit.py interp     --ckpt out/toy/last.pt --images 0,1
     python edit.py crossover  --ckpt out/toy/last.pt --images 0,5
     python edit.py manipulate --ckpt out/toy/last.pt --images 0,1,2 --target 7
 """
@@ -21,20 +20,6 @@ from spherify import generate, refine, sampling_r, sigma_max, spherify
 def reconstruct(model, x, y=None):
     """Eq. 2: D(f(E(x))), with the null class by default (REFERENCE.md Sec. 2), r = 0."""
     return model.decode(spherify(model.encode(x, y)), y).float()
-
-
-def slerp(a, b, t):
-    """Spherical interpolation between a and b (same norm), per sample."""
-    a2, b2 = a.flatten(1), b.flatten(1)
-    omega = torch.acos((torch.nn.functional.cosine_similarity(a2, b2, dim=1)).clamp(-1, 1))[:, None]  # (B, 1)
-    so = torch.sin(omega).clamp_min(1e-8)
-    out = torch.sin((1 - t) * omega) / so * a2 + torch.sin(t * omega) / so * b2
-    return out.view_as(a)
-
-
-def lerp(a, b, t):
-    """Straight-line interpolation, put back on the sphere by f (Eq. 1)."""
-    return spherify((1 - t) * a + t * b)
 
 
 @torch.no_grad()
@@ -72,7 +57,7 @@ def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=Non
 @torch.no_grad()
 def main(argv=None):
     p = parser(__doc__)
-    p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
+    p.add_argument("command", choices=["recon", "grid", "crossover", "manipulate"])
     p.add_argument("--ckpt", default="out/toy/last.pt")
     p.add_argument("--images", type=int_list, default="0,1,2,3", help="dataset indices, comma-separated")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
@@ -88,7 +73,7 @@ def main(argv=None):
     model, targs, ds = load_model_and_data(args)
     if any(not 0 <= i < len(ds) for i in idx):
         die(f"--images must be in 0..{len(ds) - 1}")
-    need = {"interp": 2, "crossover": 2}.get(args.command, 1)
+    need = {"crossover": 2}.get(args.command, 1)
     if len(idx) < need:
         die(f"{args.command} needs {need} images in --images")
     if args.command == "manipulate" and args.target is None:
@@ -103,10 +88,6 @@ def main(argv=None):
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
         grid, nrow = corner_grid(model, alpha, y=args.target, generator=g, device=args.device), 8
-    elif args.command == "interp":                                           # rows: lerp, slerp
-        va, vb = spherify(model.encode(x[:1])), spherify(model.encode(x[1:2]))
-        rows = [torch.cat([fn(va, vb, t.item()) for t in torch.linspace(0, 1, 8)]) for fn in (lerp, slerp)]
-        grid, nrow = torch.cat([model.decode(v) for v in rows]).float(), 8                 # rows: (8, h, w, d) each
     elif args.command == "crossover":                                        # stitched, then each round
         xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
         grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2

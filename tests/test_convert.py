@@ -6,7 +6,6 @@ issue 12): encoder.x_embedder.{0: patch conv, 1: 1x1 conv}, {net}.blocks.i.*, {n
 adaLN_modulation.1, linear}, encoder.out = Mixer, decoder.x_embedder.{0: Linear, 1: Mixer}
 (tok_mixer.mix / chn_mixer.mix, alpha1 / alpha2), decoder.out.{2, 4} = pixel-head convs,
 {net}.pos_embed and, in EMA copies, {net}.rope."""
-import os
 import re
 import subprocess
 import sys

@@ -11,7 +11,7 @@ import sample
 from conftest import ROOT, randomize_zero_inits
 from model import SphereEncoder
 from spherify import generate, guidance_scales
-from spherify import sigma_max, spherify
+from spherify import spherify
 
 
 @pytest.fixture
