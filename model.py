@@ -49,10 +49,7 @@ class Config:
 # Transformer sizes (width, depth, heads) [released]; Sphere-L = large enc + large dec (Sec. 3.1).
 SIZES = {
     "tiny": (128, 3, 4),          # ours: trains on a 2-core CPU in minutes
-    "S": (512, 8, 8),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
+    "S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
 }
 # Latent shape per dataset (REFERENCE.md Sec. 2 table): image, P, d, Mixer depth, head, classes.
 LATENTS = {

@@ -62,12 +62,14 @@ def toy_scores(samples, labels, classifier):
 
 
 @torch.no_grad()
-def toy_colour_error(model, n=500, batch=250):
-    """Mean |mean colour of x - of D(f(E(x)))| over toy images and channels, in 0-255 units."""
+def toy_recon_scores(model, classifier, n=500, batch=250):
+    """Reconstructions D(f(E(x))) of toy images: (mean |mean colour of x - of D(f(E(x)))| over images and
+    channels in 0-255 units, the toy classifier's class accuracy on them)."""
     ds = ToyShapes()
     x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
     rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
-    return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item()
+    acc = (classifier(rec.cpu().clamp(-1, 1)).argmax(1) == torch.tensor([ds[i][1] for i in range(n)])).float().mean().item()
+    return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item(), acc
 
 
 @script
@@ -112,7 +114,9 @@ def main(argv=None):
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
     if args.toy_metrics and rank == 0:
-        print(f"reconstruction colour error {toy_colour_error(model):.1f} / 255 (mean colour per image and channel)")
+        clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
+        print("reconstructions: colour error {:.1f} / 255 (mean colour per image and channel), class accuracy "
+              "{:.3f}".format(*toy_recon_scores(model, clf)))
     # labels balanced over the chosen classes, grouped so grid rows are classes
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
@@ -155,7 +159,6 @@ def main(argv=None):
                 np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
                 print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
             if args.toy_metrics:
-                clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
                 m = toy_scores(u8 / 255 * 2 - 1, y, clf)
                 print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
                       f"colour spread {m['colour_spread']:.2f} (data: 1)")

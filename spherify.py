@@ -38,8 +38,7 @@ def stratified_uniform(n, generator=None, device=None):
     return u[torch.randperm(n, generator=generator, device=device)]
 
 
-def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, generator=None,
-                 device=None):
+def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, generator=None, device=None):
     """Eq. 5 with the angle mixing of App. C.2: per-sample noise scales for Eq. 4 and Eq. 6.
 
     Returns (sigma, sigma_sub), each (n,):

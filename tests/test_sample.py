@@ -156,7 +156,7 @@ def test_toy_scores_offline_with_a_stand_in_classifier():
     assert sample.toy_scores(real * 0.5, labels, clf)["colour_spread"] == pytest.approx(0.5)   # washed-out colours
 
 
-def test_toy_colour_error_is_the_mean_colour_gap():
+def test_toy_recon_scores_colour_gap_and_class_accuracy():
     from data import ToyShapes
     x = torch.stack([ToyShapes()[i][0] for i in range(8)])
 
@@ -169,7 +169,9 @@ def test_toy_colour_error_is_the_mean_colour_gap():
         def decode(self, v, y=None):
             return v * self.rms + torch.tensor([0.2, 0.0, 0.0]).view(1, 3, 1, 1)
     m = Shift(1, 1)
-    assert sample.toy_colour_error(m, n=8) == pytest.approx(0.2 / 3 * 127.5, rel=1e-4)
+    says = lambda c: lambda im: torch.nn.functional.one_hot(torch.full((len(im),), c), 10).float()  # always class c
+    err, acc = sample.toy_recon_scores(m, says(3), n=8)                         # labels of images 0..7: i % 10
+    assert err == pytest.approx(0.2 / 3 * 127.5, rel=1e-4) and acc == pytest.approx(1 / 8)
 
 
 def test_fid_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys):
