@@ -24,7 +24,7 @@ def project(v, P):
 
 def uniformity(v, t=2.0):
     """U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola; uniform ~ -2t = -4,
-    collapsed 0) and cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), as a dict."""
+    collapsed 0), cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1) and the cosines, as a dict."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)
     i, j = torch.triu_indices(len(u), len(u), offset=1)
     c = (u @ u.T)[i, j]                                                     # pairwise cosines
