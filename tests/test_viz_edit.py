@@ -27,6 +27,16 @@ def test_uniformity_scores_prior_uniform_and_collapse_far():
     assert c["uniformity"] > -2.5 and c["cos_std"] > 5
 
 
+def test_effective_dimension_counts_the_directions_filled():
+    torch.manual_seed(0)
+    L, n, k = 2048, 500, 7
+    axes = torch.eye(L)[:k] * L ** 0.5                                          # +-sqrt(L) e_i, i < k: on the sphere,
+    assert viz.uniformity(torch.cat([axes, -axes]))["eff_dim"] == pytest.approx(k)   # k equal eigenvalues
+    assert viz.uniformity(spherify(torch.randn(n, L)))["eff_dim"] == pytest.approx(n * L / (n + L), rel=0.03)
+    low = spherify(torch.randn(n, k) @ torch.randn(k, L))                       # a k-dim subspace, unequal axes
+    assert 1 < viz.uniformity(low)["eff_dim"] <= k
+
+
 @pytest.fixture
 def model(tiny_cfg):
     torch.manual_seed(0)
