@@ -24,17 +24,14 @@ def project(v, P):
 
 def uniformity(v, t=2.0):
     """U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola; uniform ~ -2t = -4,
-    collapsed 0), cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), the cosines, and eff_dim,
-    how many directions the points fill: the participation ratio (sum lambda)^2 / sum lambda^2 of their
-    covariance's eigenvalues (k equal ones: k; n prior points: ~ nL / (n + L)), as a dict."""
+    collapsed 0), cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), the cosines, and eff_dim, the
+    directions filled: (sum lambda)^2 / sum lambda^2 of the covariance (k equal lambdas: k; prior ~ nL/(n+L))."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)       # (n, L)
-    G = u @ u.T                                                             # (n, n)
     i, j = torch.triu_indices(len(u), len(u), offset=1)
-    c = G[i, j]                                                             # pairwise cosines
+    c = (u @ u.T)[i, j]                                                     # pairwise cosines
     U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))       # ||u_i - u_j||^2 = 2 - 2 cos
-    uc = u - u.mean(0)                                                      # the covariance's eigenvalues are
-    Gc = uc @ uc.T                                                          # the centred Gram's: (n, n), any L
-    eff_dim = (Gc.trace() ** 2 / Gc.pow(2).sum()).item()
+    uc = u - u.mean(0)                                                      # centred; its (n, n) Gram has the
+    eff_dim = (uc.pow(2).sum() ** 2 / (uc @ uc.T).pow(2).sum()).item()     # covariance's eigenvalues, any L
     return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item(),
             "eff_dim": eff_dim, "cos": c}
 
@@ -149,9 +146,8 @@ def main(argv=None):
     prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
     stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
     for name, s in stats.items():
-        print(f"{name:>8}: uniformity {s['uniformity']:.3f} (uniform ~ -4, collapsed 0) | "
-              f"pairwise cos mean {s['cos_mean']:+.4f}, std x sqrt(L) {s['cos_std']:.2f} (uniform ~ 1) | "
-              f"effective dimensions {s['eff_dim']:.1f} of L = {v.shape[1]}")
+        print(f"{name:>8}: uniformity {s['uniformity']:.3f} (uniform ~ -4) | pairwise cos mean {s['cos_mean']:+.4f}, "
+              f"std x sqrt(L) {s['cos_std']:.2f} (uniform ~ 1) | effective dimensions {s['eff_dim']:.1f}")
     cfg, k = model.cfg, 6
     trajectory = []
     e = torch.randn(k, cfg.grid, cfg.grid, cfg.latent_dim, device=args.device)
