@@ -125,8 +125,11 @@ class ToyClassifier(torch.nn.Module):
 
 
 def toy_classifier(path, steps=300, device="cpu"):
-    """The toy classifier, trained once (~30 s on CPU, toy images 10000+, unseen in training), cached at path."""
-    net = ToyClassifier().to(device)
+    """The toy classifier, trained once (~30 s on CPU, toy images 10000+, unseen in training), cached at path.
+    Seeded init and batches: every run directory gets the same judge."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = ToyClassifier().to(device)
     if os.path.isfile(path):
         net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return net.eval()

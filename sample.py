@@ -114,7 +114,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
     if args.toy_metrics and rank == 0:
-        clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier.pt"))
+        clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier_seed0.pt"))
         print("reconstructions: colour error {:.1f} / 255 (mean colour per image and channel), class accuracy "
               "{:.3f}".format(*toy_recon_scores(model, clf)))
     # labels balanced over the chosen classes, grouped so grid rows are classes

@@ -197,3 +197,12 @@ def test_torchrun_sharded_sampling_equals_one_process(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = np.load(one), np.load(two)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+
+def test_toy_classifier_is_the_same_judge_for_every_run(tmp_path):
+    from data import toy_classifier
+    torch.manual_seed(1)                                                        # whatever the caller's RNG state
+    a = toy_classifier(str(tmp_path / "a.pt"), steps=2).state_dict()
+    torch.rand(100)
+    b = toy_classifier(str(tmp_path / "b.pt"), steps=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
