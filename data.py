@@ -125,8 +125,8 @@ class ToyClassifier(torch.nn.Module):
 
 
 def toy_classifier(path, steps=300, device="cpu"):
-    """The toy classifier, trained once (~30 s on CPU, toy images 10000+, unseen in training), cached at path.
-    Seeded init and batches: every run directory gets the same judge."""
+    """The toy classifier (the same for every run: seeded), trained once (~30 s on CPU, on toy images
+    10000+, unseen in training), cached at path."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = ToyClassifier().to(device)
