@@ -13,7 +13,7 @@ import torch
 from data import DataError, die, parser, script
 from model import SIZES, Config, SphereEncoder, read_checkpoint, save_checkpoint
 
-HEADS = {w: h for w, _, h in SIZES.values() if w >= 512}           # released widths -> heads
+HEADS = {w: h for pair in SIZES.values() for w, _, h in pair if w >= 512}   # released widths -> heads
 DATASET_BY_CLASSES = {1000: "imagenet", 102: "flowers", 10: "cifar10", 0: "folder"}
 
 RULES = [                                                               # released key -> ours: all rules, in order

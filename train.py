@@ -36,10 +36,10 @@ from spherify import generate, noise_levels, sigma_max, spherify
 # name; base_lr (the peak lr at global batch 256, scaled linearly with --batch_size, Sec. 5) by --lr,
 # w (Eq. 10's weights: recon dist, recon perc, con dist, con perc, lat-con) by --weights.
 DATASETS = {
-    # toy, ours (a CPU quick start, README): lr 1e-2 at batch 64; no LPIPS, so ImageNet's distance weights,
+    # toy, ours (a CPU quick start, README): lr 1e-2 at batch 32; no LPIPS, so ImageNet's distance weights,
     # lat-con 1.0 (1:50 of recon dist, between ImageNet's 1:500 and CIFAR's 1:10): the three terms end level
-    "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=15, warmup_epochs=0.25, batch_size=64,
-                     base_lr=4e-2, w=(50.0, 0.0, 25.0, 0.0, 1.0), num_workers=0),
+    "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=23, warmup_epochs=0.25, batch_size=32,
+                     base_lr=8e-2, w=(50.0, 0.0, 25.0, 0.0, 1.0), num_workers=0),
     "cifar10":  dict(model="L", image_size=32, alpha=80, band=85, epochs=5000, warmup_epochs=10, batch_size=256,
                      base_lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1), num_workers=4),
     "imagenet": dict(model="L", image_size=256, alpha=85, band=89, epochs=800, warmup_epochs=5, batch_size=256,

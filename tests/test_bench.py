@@ -22,5 +22,5 @@ def test_bench_under_torchrun_with_fsdp():
                         "bench.py", "--iters", "1", "--batch_size", "2", "--fsdp", "--grad_ckpt", "--device", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[eager, grad_ckpt, FSDP x 2] tiny / toy: 2.2M params" in r.stdout
+    assert "[eager, grad_ckpt, FSDP x 2] tiny / toy: 1.3M params" in r.stdout
     assert "train:" in r.stdout and "img/s" in r.stdout and r.stdout.count("machine:") == 1

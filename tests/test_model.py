@@ -36,6 +36,18 @@ def test_paper_parameter_counts():
     assert count("XL", "imagenet") == pytest.approx(1390, rel=0.01)
 
 
+def test_sizes_pair_an_encoder_with_a_decoder():
+    """Sphere-L = large encoder + large decoder (Sec. 3.1); tiny's encoder, which runs twice a training step
+    (Eq. 4 and Eq. 9), is 64 x 1 x 2 heads against the decoder's 128 x 3 x 4."""
+    dims = lambda c: ((c.enc_width, c.enc_depth, c.enc_heads), (c.dec_width, c.dec_depth, c.dec_heads))
+    assert dims(make_config("L", "imagenet")) == ((1024, 24, 16), (1024, 24, 16))
+    assert dims(make_config("tiny", "toy")) == ((64, 1, 2), (128, 3, 4))
+    m = SphereEncoder(make_config("tiny", "toy"))
+    assert (len(m.encoder.vit.blocks), len(m.decoder.vit.blocks)) == (1, 3)
+    f = m.flops_per_image()
+    assert 2 * f["encoder"] < f["decoder"]
+
+
 def test_latent_shapes_match_the_paper():
     assert make_config("L", "cifar10").latent_size == 16 * 16 * 8
     assert make_config("L", "imagenet").latent_size == 32 * 32 * 64
@@ -182,8 +194,8 @@ def test_norms_have_learned_affine_and_uncond_has_no_final_norm():
         m = SphereEncoder(make_config("tiny", "toy", num_classes=classes))
         norms = [n for n in m.modules() if isinstance(n, torch.nn.RMSNorm)]
         assert norms and all(n.weight is not None for n in norms)
-        per_net = 2 * 3 + 2 * 2 + 1 + (1 if classes else 0)                     # blocks, Mixer blocks, Mixer, final
-        assert len(norms) == 2 * per_net
+        per_net = lambda depth: 2 * depth + 2 * 2 + 1 + (1 if classes else 0)    # blocks, Mixer blocks, Mixer, final
+        assert len(norms) == per_net(m.cfg.enc_depth) + per_net(m.cfg.dec_depth)
     vit = m.decoder.vit                                                         # the unconditional one
     h = torch.randn(2, 64, 128)
     torch.testing.assert_close(vit.norm(h, None), h)
