@@ -38,7 +38,7 @@ from spherify import generate, noise_levels, sigma_max, spherify
 DATASETS = {
     # toy, ours (a CPU quick start, README): lr 1e-2 at batch 32; no LPIPS, so ImageNet's distance weights,
     # lat-con 1.0 (1:50 of recon dist, between ImageNet's 1:500 and CIFAR's 1:10): the three terms end level
-    "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=23, warmup_epochs=0.25, batch_size=32,
+    "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=16, warmup_epochs=0.25, batch_size=32,
                      base_lr=8e-2, w=(50.0, 0.0, 25.0, 0.0, 1.0), num_workers=0),
     "cifar10":  dict(model="L", image_size=32, alpha=80, band=85, epochs=5000, warmup_epochs=10, batch_size=256,
                      base_lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1), num_workers=4),
