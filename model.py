@@ -48,7 +48,7 @@ class Config:
 
 # Model sizes: (encoder, decoder) transformers of (width, depth, heads) [released]; Sphere-L = large enc +
 # large dec (Sec. 3.1). tiny, ours (a 2-core CPU quick start): the encoder runs twice a step (on x, Eq. 4,
-# and on D(v_NOISY), Eq. 9) and took half of it, so a 64 x 1 one buys 1.6x the images a minute (README).
+# and on D(v_NOISY), Eq. 9) and took half of it, so a 64 x 1 one buys 1.4x the images a minute (README).
 PAPER_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 SIZES = {"tiny": ((64, 1, 2), (128, 3, 4)), **{k: (t, t) for k, t in PAPER_SIZES.items()}}
 # Latent shape per dataset (REFERENCE.md Sec. 2 table): image, P, d, Mixer depth, head, classes.
