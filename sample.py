@@ -51,13 +51,15 @@ def frechet_distance(f1, f2):
 
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
-    """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class acc., colour spread."""
+    """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class accuracy (overall
+    and per class: {name: accuracy}), colour spread (per-channel std against the data's)."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()
-    acc = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float().mean().item()
+    hit = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float()   # (N,)
     std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
-    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc,
+    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": hit.mean().item(),
+            "per_class": {name: hit[labels == c].mean().item() for c, name in enumerate(ds.classes) if (labels == c).any()},
             "colour_spread": (std(samples) / std(ref)).mean().item()}
 
 
@@ -162,6 +164,7 @@ def main(argv=None):
                 m = toy_scores(u8 / 255 * 2 - 1, y, clf)
                 print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
                       f"colour spread {m['colour_spread']:.2f} (data: 1)")
+                print("  class accuracy per class: " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class"].items()))
             if args.fid or args.is_:
                 try:
                     metrics = fidelity(u8, args, train_args)

@@ -153,6 +153,9 @@ def test_toy_scores_offline_with_a_stand_in_classifier():
     noise = sample.toy_scores(torch.rand(64, 3, 32, 32) * 2 - 1, labels, clf)
     assert noise["toy_fd"] > same["toy_fd"] + 1e-3 and 0 <= noise["class_acc"] <= 1
     assert same["colour_spread"] == pytest.approx(1.0)
+    clf.forward = lambda im: torch.nn.functional.one_hot(torch.full((len(im),), 3), 10).float()  # says "ring"
+    per = sample.toy_scores(real, labels, clf)["per_class"]                     # 7 of each class 0-3, 6 of 4-9
+    assert list(per) == ds.classes and per["ring"] == 1.0 and sum(per.values()) == 1.0
     assert sample.toy_scores(real * 0.5, labels, clf)["colour_spread"] == pytest.approx(0.5)   # washed-out colours
 
 
