@@ -11,7 +11,8 @@ from dataclasses import asdict
 import torch
 
 from data import DataError, die, parser, script
-from model import SIZES, Config, SphereEncoder, read_checkpoint, save_checkpoint
+from checkpoint import read_checkpoint, save_checkpoint
+from model import SIZES, Config, SphereEncoder
 
 HEADS = {w: h for pair in SIZES.values() for w, _, h in pair if w >= 512}   # released widths -> heads
 DATASET_BY_CLASSES = {1000: "imagenet", 102: "flowers", 10: "cifar10", 0: "folder"}

@@ -12,7 +12,7 @@ import torch
 from torchvision.utils import save_image
 
 from data import at_least, die, int_list, parser, script
-from model import load_model_and_data
+from checkpoint import load_model_and_data
 from spherify import generate, refine, sampling_r, sigma_max, spherify
 
 

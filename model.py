@@ -5,9 +5,6 @@ Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, 
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
 import os
-import re
-import time
-import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import DataError, build_dataset
+from data import DataError
 from spherify import spherify, noisy_latents
 
 
@@ -349,79 +346,6 @@ class SphereEncoder(nn.Module):
                 else 2 * N * (w * 32 + 9 * 32 * 32 + 32 * C * (P + 2) ** 2))                # conv, ConvTranspose
         dec = 2 * N * d * w + mixer(w) + vit(w, cfg.dec_depth) + head
         return {"encoder": enc, "decoder": dec}
-
-
-# A checkpoint: a plain dict {model, ema?, optimizer, step, config, args, rng, bad_images}: weights_only=True.
-SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
-
-
-def save_checkpoint(obj, path):
-    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            time.sleep(SAVE_DELAY)                                          # part of it is still buffered
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no checkpoint written yet"
-        raise DataError(f"cannot write checkpoint {path!r}: {err.strerror or err}; {kept}") from None
-
-
-def read_checkpoint(path):
-    """torch.load(path, weights_only=True) of any file; missing, not a zip, truncated, corrupt -> DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head.startswith(b"PK"):                                         # torch.save writes a zip archive
-        raise DataError(f"{path!r} is not a PyTorch checkpoint (not a zip archive; it starts with {head!r})")
-    if not zipfile.is_zipfile(path):                                        # the archive's directory is at its end
-        raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:                                                # never torch's weights_only paragraph
-        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"WeightsUnpickler error: (.*)", str(err))
-        raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never do"
-                        if found and "GLOBAL" in found[0] else f"{path!r} is corrupt: "
-                        f"{found[1] if found else str(err).splitlines()[0][:200]}") from None
-
-
-def load_checkpoint(path):
-    """A train.py checkpoint as a plain dict; any other file -> DataError, one line naming the cause."""
-    ckpt = read_checkpoint(path)
-    keys = list(ckpt) if isinstance(ckpt, dict) else []
-    if not {"model", "config", "args"} <= set(keys):
-        what = f"{type(ckpt).__name__} with keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-        if {"model", "epoch"} <= set(keys):
-            what += "; it looks like a checkpoint of the authors' release: convert it with python convert.py IN OUT"
-        elif keys and all(torch.is_tensor(v) for v in ckpt.values()):
-            what = f"bare state_dict of {len(keys)} tensors ({keys[0]!r}, ...)"
-        raise DataError(f"{path!r} is a PyTorch file but not a train.py checkpoint: a {what}")
-    return ckpt
-
-
-def load_model(path, device="cpu"):
-    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint."""
-    ckpt = load_checkpoint(path)
-    try:
-        model = SphereEncoder(Config(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as err:
-        raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), ckpt["args"]
-
-
-def load_model_and_data(args):
-    """viz.py, edit.py: model of --ckpt, its training args, the images of --dataset (default: the ckpt's)."""
-    model, targs = load_model(args.ckpt, args.device)
-    ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
-                          model.cfg.image_size)
-    return model, targs, ds
 
 
 def init_distributed(device):

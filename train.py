@@ -10,17 +10,13 @@ import itertools
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
@@ -28,8 +24,8 @@ from tqdm import tqdm
 
 from data import DataError, Guarded, at_least, build_dataset, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import (SIZES, Config, SphereEncoder, init_distributed, load_checkpoint, make_config, save_checkpoint,
-                   shard)
+from checkpoint import Checkpointer, check_out_dir, load_checkpoint
+from model import SIZES, Config, SphereEncoder, init_distributed, make_config, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 
 # Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
@@ -151,62 +147,6 @@ def save_grids(model, x, args, step, device, n=8):
     recon = model.decode(spherify(model.encode(x))).float()                # D(f(E(x))): null class, r = 0
     save_image(torch.cat([x, recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n)
     model.train(was_training)
-
-
-def check_out_dir(args, params=0):
-    """Fail early: --out_dir must be writable with room for a checkpoint (4 bytes x params x 3, 4 with EMA)."""
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out_dir):                      # a real write: root ignores chmod
-            pass
-    except OSError as err:
-        die(f"cannot write to --out_dir {args.out_dir!r}: {err.strerror or err}")
-    need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
-    room = f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB"
-    if free < need:
-        die(f"{room}; free some space or choose another --out_dir")
-    if free < 3 * need:
-        print(f"warning: {room}", flush=True)
-
-
-class Checkpointer:
-    """last.pt: full (FQN-keyed) weights, optimizer, EMA, step, config, args, every rank's RNG, bad images."""
-    def __init__(self, model, opt, ema, cfg, args, world, rank, device):
-        self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
-        self.world, self.rank, self.device = world, rank, device
-        self.path, self.saved_step = os.path.join(args.out_dir, "last.pt"), None
-
-    def restore(self, ckpt):                                                # -> (step, bad images)
-        set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        for group, mult in zip(self.opt.param_groups, (self.args.enc_lr_mult, 1.0)):   # this run's flags
-            group["lr_mult"], group["weight_decay"] = mult, self.args.weight_decay
-        if self.ema is not None and "ema" in ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
-        rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else {}   # same world size: exact resume
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.startswith("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"])
-        self.saved_step = ckpt["step"]
-        return ckpt["step"], list(ckpt.get("bad_images", []))
-
-    def save(self, step, bad):
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.startswith("cuda"):
-            rng["cuda"] = torch.cuda.get_rng_state()
-        rngs = [rng] * self.world
-        if self.world > 1:
-            dist.all_gather_object(rngs, rng)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
-        if self.rank > 0:
-            return
-        obj = {"model": sd, "optimizer": osd, "step": step, "config": asdict(self.cfg), "args": vars(self.args),
-               "rng": rngs, "bad_images": bad, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
-        save_checkpoint(obj, self.path)                                     # DataError on a full disk
-        self.saved_step = step
-        if self.args.keep_every and step % self.args.keep_every == 0:
-            save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
 
 
 @script

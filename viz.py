@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from data import at_least, die, parser, script
-from model import load_model_and_data
+from checkpoint import load_model_and_data
 from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
 
 

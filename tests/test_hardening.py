@@ -16,7 +16,7 @@ from PIL import Image
 
 import bench
 import edit
-import model as model_py
+import checkpoint
 import sample
 import train
 import viz
@@ -105,7 +105,7 @@ def test_killed_at_random_moments_resumes_bit_identical(tmp_path):
         assert p.poll() is None, "finished before it was killed"
         p.send_signal(signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL
-        steps.append(model_py.load_checkpoint(last)["step"])               # last.pt always loads
+        steps.append(checkpoint.load_checkpoint(last)["step"])               # last.pt always loads
     assert steps[0] == 2 and steps == sorted(steps) and steps[-1] < 40, steps
     r = subprocess.run([sys.executable, *args, "--out_dir", ref], cwd=ROOT, capture_output=True, env=env, timeout=120)
     assert r.returncode == 0
@@ -145,8 +145,8 @@ def test_out_dir_that_is_a_file_stops_before_the_first_step(tmp_path, capsys):
 
 @pytest.mark.parametrize("free_mb, stops", [(1, True), (40, False)])
 def test_disk_space_is_checked_before_the_first_step(tmp_path, monkeypatch, capsys, free_mb, stops):
-    real = train.shutil.disk_usage
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: real(p)._replace(free=free_mb * 2 ** 20))
+    real = checkpoint.shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=free_mb * 2 ** 20))
     argv = FAST + ["--max_steps", "1", "--out_dir", str(tmp_path)]         # tiny: ~15 MB a checkpoint
     if stops:
         with pytest.raises(SystemExit) as exc:
@@ -173,7 +173,7 @@ def test_full_disk_during_save_exits_with_one_line_and_keeps_last_pt(tmp_path, m
         def half_then_full(obj, f):
             f.write(b"PK\x03\x04" + b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(model_py.torch, "save", half_then_full)
+        monkeypatch.setattr(checkpoint.torch, "save", half_then_full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         train.main(FAST + ["--max_steps", "4", "--ckpt_every", "2", "--out_dir", out, "--resume"])
@@ -181,7 +181,7 @@ def test_full_disk_during_save_exits_with_one_line_and_keeps_last_pt(tmp_path, m
     assert f"cannot write checkpoint {os.path.join(out, 'last.pt')!r}: No space left on device; " \
            "the previous checkpoint is intact" in err
     assert open(os.path.join(out, "last.pt"), "rb").read() == good        # byte for byte
-    assert model_py.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 2
+    assert checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 2
     assert not os.path.lexists(os.path.join(out, "last.pt.tmp"))
 
 
@@ -227,7 +227,7 @@ def test_checkpoint_messages_name_the_cause(ckpt, tmp_path):
              str(tmp_path / "dit.pt"): "not a train.py checkpoint: it holds a pickled argparse.Namespace"}
     for path, message in cases.items():
         with pytest.raises(DataError) as err:
-            model_py.load_checkpoint(path)
+            checkpoint.load_checkpoint(path)
         assert message in str(err.value) and "\n" not in str(err.value), (path, str(err.value))
         assert "weights_only" not in str(err.value)
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import model as model_py
+import checkpoint
 import train
 from conftest import ROOT
 from data import DataError, ToyShapes
@@ -32,15 +32,15 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(FAST + ["--max_steps", "6", "--ckpt_every", "3", "--out_dir", straight])
 
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_crash(obj, path):                                            # killed right after step 3's save
         real_save(obj, path)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(FAST + ["--max_steps", "6", "--ckpt_every", "3", "--out_dir", resumed])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert torch.load(os.path.join(resumed, "last.pt"), weights_only=True)["step"] == 3
     train.main(FAST + ["--max_steps", "6", "--ckpt_every", "3", "--out_dir", resumed, "--resume"])
 
@@ -85,13 +85,13 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    model_py.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    checkpoint.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def crash(src, dst):
         raise OSError("killed between writing the temp file and the rename")
-    monkeypatch.setattr(model_py.os, "replace", crash)
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
     with pytest.raises(DataError, match="the previous checkpoint is intact"):
-        model_py.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+        checkpoint.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     ck = torch.load(path, weights_only=True)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
     assert not os.path.exists(path + ".tmp")

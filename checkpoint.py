@@ -1,0 +1,148 @@
+"""Checkpoints (REFERENCE.md Sec. 5): plain dicts {model, ema?, optimizer, step, config, args, rng, bad_images}
+of tensors and builtins, so torch.load(weights_only=True) reads them. Writes are atomic (a kill or a full disk
+leaves the old file whole); a bad file is a one-line DataError naming the cause, never a traceback.
+train.py saves and resumes through Checkpointer; sample.py, viz.py, edit.py read a model with load_model.
+"""
+import os
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from data import DataError, build_dataset, die
+from model import Config, SphereEncoder
+
+SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
+
+
+def save_checkpoint(obj, path):
+    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            time.sleep(SAVE_DELAY)                                          # part of it is still buffered
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no checkpoint written yet"
+        raise DataError(f"cannot write checkpoint {path!r}: {err.strerror or err}; {kept}") from None
+
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) of any file; missing, not a zip, truncated, corrupt -> DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(b"PK"):                                         # torch.save writes a zip archive
+        raise DataError(f"{path!r} is not a PyTorch checkpoint (not a zip archive; it starts with {head!r})")
+    if not zipfile.is_zipfile(path):                                        # the archive's directory is at its end
+        raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                                                # never torch's weights_only paragraph
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"WeightsUnpickler error: (.*)", str(err))
+        raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never do"
+                        if found and "GLOBAL" in found[0] else f"{path!r} is corrupt: "
+                        f"{found[1] if found else str(err).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a plain dict; any other file -> DataError, one line naming the cause."""
+    ckpt = read_checkpoint(path)
+    keys = list(ckpt) if isinstance(ckpt, dict) else []
+    if not {"model", "config", "args"} <= set(keys):
+        what = f"{type(ckpt).__name__} with keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+        if {"model", "epoch"} <= set(keys):
+            what += "; it looks like a checkpoint of the authors' release: convert it with python convert.py IN OUT"
+        elif keys and all(torch.is_tensor(v) for v in ckpt.values()):
+            what = f"bare state_dict of {len(keys)} tensors ({keys[0]!r}, ...)"
+        raise DataError(f"{path!r} is a PyTorch file but not a train.py checkpoint: a {what}")
+    return ckpt
+
+
+def load_model(path, device="cpu"):
+    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = SphereEncoder(Config(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as err:
+        raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt["args"]
+
+
+def load_model_and_data(args):
+    """viz.py, edit.py: model of --ckpt, its training args, the images of --dataset (default: the ckpt's)."""
+    model, targs = load_model(args.ckpt, args.device)
+    ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
+                          model.cfg.image_size)
+    return model, targs, ds
+
+
+def check_out_dir(args, params=0):
+    """Fail early: --out_dir must be writable with room for a checkpoint (4 bytes x params x 3, 4 with EMA)."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out_dir):                      # a real write: root ignores chmod
+            pass
+    except OSError as err:
+        die(f"cannot write to --out_dir {args.out_dir!r}: {err.strerror or err}")
+    need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
+    room = f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB"
+    if free < need:
+        die(f"{room}; free some space or choose another --out_dir")
+    if free < 3 * need:
+        print(f"warning: {room}", flush=True)
+
+
+class Checkpointer:
+    """last.pt: full (FQN-keyed) weights, optimizer, EMA, step, config, args, every rank's RNG, bad images."""
+    def __init__(self, model, opt, ema, cfg, args, world, rank, device):
+        self.model, self.opt, self.ema, self.cfg, self.args = model, opt, ema, cfg, args
+        self.world, self.rank, self.device = world, rank, device
+        self.path, self.saved_step = os.path.join(args.out_dir, "last.pt"), None
+
+    def restore(self, ckpt):                                                # -> (step, bad images)
+        set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        for group, mult in zip(self.opt.param_groups, (self.args.enc_lr_mult, 1.0)):   # this run's flags
+            group["lr_mult"], group["weight_decay"] = mult, self.args.weight_decay
+        if self.ema is not None and "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+        rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else {}   # same world size: exact resume
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.saved_step = ckpt["step"]
+        return ckpt["step"], list(ckpt.get("bad_images", []))
+
+    def save(self, step, bad):
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state()
+        rngs = [rng] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
+        if self.rank > 0:
+            return
+        obj = {"model": sd, "optimizer": osd, "step": step, "config": asdict(self.cfg), "args": vars(self.args),
+               "rng": rngs, "bad_images": bad, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+        save_checkpoint(obj, self.path)                                     # DataError on a full disk
+        self.saved_step = step
+        if self.args.keep_every and step % self.args.keep_every == 0:
+            save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
+
