@@ -50,29 +50,35 @@ def frechet_distance(f1, f2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+def class_accuracy(classifier, images, labels):
+    """The toy classifier's accuracy on images (N, C, H, W) asked to be labels (N,): (overall, {class: acc.})."""
+    hit = (torch.cat([classifier(b) for b in images.split(256)]).argmax(1) == labels).float()   # (N,)
+    names = ToyShapes.classes
+    return hit.mean().item(), {names[c]: hit[labels == c].mean().item() for c in labels.unique().tolist()}
+
+
 @torch.no_grad()
 def toy_scores(samples, labels, classifier):
     """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class accuracy (overall
-    and per class: {name: accuracy}), colour spread (per-channel std against the data's)."""
+    and per class), colour spread (per-channel std against the data's)."""
     ds = ToyShapes()
     ref = torch.stack([ds[i][0] for i in range(len(samples))])
     feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()
-    hit = (torch.cat([classifier(b) for b in samples.split(256)]).argmax(1) == labels).float()   # (N,)
+    acc, per_class = class_accuracy(classifier, samples, labels)
     std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
-    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": hit.mean().item(),
-            "per_class": {name: hit[labels == c].mean().item() for c, name in enumerate(ds.classes) if (labels == c).any()},
+    return {"toy_fd": frechet_distance(feats(samples), feats(ref)), "class_acc": acc, "per_class": per_class,
             "colour_spread": (std(samples) / std(ref)).mean().item()}
 
 
 @torch.no_grad()
 def toy_recon_scores(model, classifier, n=500, batch=250):
     """Reconstructions D(f(E(x))) of toy images: (mean |mean colour of x - of D(f(E(x)))| over images and
-    channels in 0-255 units, the toy classifier's class accuracy on them)."""
+    channels in 0-255 units, the toy classifier's class accuracy on them, the same per class)."""
     ds = ToyShapes()
     x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
     rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
-    acc = (classifier(rec.cpu().clamp(-1, 1)).argmax(1) == torch.tensor([ds[i][1] for i in range(n)])).float().mean().item()
-    return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item(), acc
+    acc, per_class = class_accuracy(classifier, rec.cpu().clamp(-1, 1), torch.tensor([ds[i][1] for i in range(n)]))
+    return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item(), acc, per_class
 
 
 @script
@@ -118,8 +124,9 @@ def main(argv=None):
     root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
     if args.toy_metrics and rank == 0:
         clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier_seed0.pt"))
-        print("reconstructions: colour error {:.1f} / 255 (mean colour per image and channel), class accuracy "
-              "{:.3f}".format(*toy_recon_scores(model, clf)))
+        err, acc, per_class = toy_recon_scores(model, clf)
+        print(f"reconstructions: colour error {err:.1f} / 255 (mean colour per image and channel), class accuracy "
+              f"{acc:.3f}\n  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()))
     # labels balanced over the chosen classes, grouped so grid rows are classes
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
@@ -165,7 +172,7 @@ def main(argv=None):
                 m = toy_scores(u8 / 255 * 2 - 1, y, clf)
                 print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
                       f"colour spread {m['colour_spread']:.2f} (data: 1)")
-                print("  class accuracy per class: " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class"].items()))
+                print("  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class"].items()))
             if args.fid or args.is_:
                 try:
                     metrics = fidelity(u8, args, train_args)

@@ -173,8 +173,9 @@ def test_toy_recon_scores_colour_gap_and_class_accuracy():
             return v * self.rms + torch.tensor([0.2, 0.0, 0.0]).view(1, 3, 1, 1)
     m = Shift(1, 1)
     says = lambda c: lambda im: torch.nn.functional.one_hot(torch.full((len(im),), c), 10).float()  # always class c
-    err, acc = sample.toy_recon_scores(m, says(3), n=8)                         # labels of images 0..7: i % 10
+    err, acc, per_class = sample.toy_recon_scores(m, says(3), n=8)              # labels of images 0..7: i % 10
     assert err == pytest.approx(0.2 / 3 * 127.5, rel=1e-4) and acc == pytest.approx(1 / 8)
+    assert per_class == {name: float(name == "ring") for name in ToyShapes.classes[:8]}
 
 
 def test_fid_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys):
