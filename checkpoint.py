@@ -1,7 +1,8 @@
 """Checkpoints (REFERENCE.md Sec. 5): plain dicts {model, ema?, optimizer, step, config, args, rng, bad_images}
 of tensors and builtins, so torch.load(weights_only=True) reads them. Writes are atomic (a kill or a full disk
 leaves the old file whole); a bad file is a one-line DataError naming the cause, never a traceback.
-train.py saves and resumes through Checkpointer; sample.py, viz.py, edit.py read a model with load_model.
+train.py saves and resumes through Checkpointer; sample.py reads a model with load_model, viz.py and edit.py
+with load_model_and_data; convert.py writes the release's weights with save_checkpoint.
 """
 import os
 import re
