@@ -308,6 +308,7 @@ def main(argv=None):
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
     if world > 1:
+        dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
 

@@ -32,8 +32,9 @@ def test_fsdp_matches_ddp_and_one_process(tmp_path):
     out = {k: str(tmp_path / k) for k in ("fsdp", "ddp", "one")}
     r = torchrun(2, 29611, "--fsdp", "--max_steps", "3", "--out_dir", out["fsdp"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torchrun(2, 29612, "--max_steps", "3", "--out_dir", out["ddp"]).returncode == 0
-    assert run("train.py", *FAST, "--max_steps", "3", "--out_dir", out["one"]).returncode == 0
+    for r in (torchrun(2, 29612, "--max_steps", "3", "--out_dir", out["ddp"]),
+              run("train.py", *FAST, "--max_steps", "3", "--out_dir", out["one"])):
+        assert r.returncode == 0, r.stderr[-2000:]
     fsdp, ddp, one = losses(out["fsdp"]), losses(out["ddp"]), losses(out["one"])
     # same ranks, seeds and data: FSDP differs from DDP only in the order of float sums
     assert fsdp == pytest.approx(ddp, rel=1e-4)
@@ -48,8 +49,9 @@ def test_fsdp_matches_ddp_and_one_process(tmp_path):
 
 def test_checkpoints_move_between_fsdp_and_ddp(tmp_path):
     f, d = str(tmp_path / "f"), str(tmp_path / "d")
-    assert torchrun(2, 29613, "--fsdp", "--max_steps", "2", "--out_dir", f).returncode == 0
-    assert torchrun(2, 29614, "--max_steps", "2", "--out_dir", d).returncode == 0
+    for r in (torchrun(2, 29613, "--fsdp", "--max_steps", "2", "--out_dir", f),
+              torchrun(2, 29614, "--max_steps", "2", "--out_dir", d)):
+        assert r.returncode == 0, r.stderr[-2000:]
     r = torchrun(2, 29615, "--max_steps", "3", "--out_dir", f, "--resume")          # FSDP -> DDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     r = torchrun(2, 29616, "--fsdp", "--max_steps", "3", "--out_dir", d, "--resume")  # DDP -> FSDP
@@ -69,7 +71,8 @@ def test_two_node_launch_on_one_machine_equals_one_launch(tmp_path):
     nodes = [node(0), node(1)]
     for p in nodes:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
-    assert torchrun(2, 29618, "--max_steps", "2", "--out_dir", one).returncode == 0
+    r = torchrun(2, 29618, "--max_steps", "2", "--out_dir", one)
+    assert r.returncode == 0, r.stderr[-2000:]
     a = torch.load(os.path.join(two, "last.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(one, "last.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
