@@ -10,8 +10,8 @@ from dataclasses import asdict
 
 import torch
 
-from data import DataError, die, parser, script
 from checkpoint import read_checkpoint, save_checkpoint
+from data import DataError, die, parser, script
 from model import SIZES, Config, SphereEncoder
 
 HEADS = {w: h for pair in SIZES.values() for w, _, h in pair if w >= 512}   # released widths -> heads

@@ -11,8 +11,8 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from data import at_least, die, int_list, parser, script
 from checkpoint import load_model_and_data
+from data import at_least, die, int_list, parser, script
 from spherify import generate, refine, sampling_r, sigma_max, spherify
 
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from data import DataError, ToyShapes, at_least, build_dataset, die, int_list, parser, script, toy_classifier
 from checkpoint import load_model
+from data import DataError, ToyShapes, at_least, build_dataset, die, int_list, parser, script, toy_classifier
 from model import init_distributed
 from spherify import generate, sigma_max, spherify
 

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from checkpoint import Checkpointer, check_out_dir, load_checkpoint
 from data import DataError, Guarded, at_least, build_dataset, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
-from checkpoint import Checkpointer, check_out_dir, load_checkpoint
 from model import SIZES, Config, SphereEncoder, init_distributed, make_config, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 

@@ -12,8 +12,8 @@ matplotlib.use("Agg")                      # headless
 import matplotlib.pyplot as plt
 import torch
 
-from data import at_least, die, parser, script
 from checkpoint import load_model_and_data
+from data import at_least, die, parser, script
 from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
 
 
