@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import at_least, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import LATENTS, SIZES, SphereEncoder, init_distributed, make_config, shard
+from model import LATENTS, SIZES, SphereEncoder, make_config
+from parallel import init_distributed, shard
 from spherify import generate, noise_levels
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 tensor-core FLOP/s
@@ -112,7 +113,7 @@ def main(argv=None):
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     args = p.parse_args(argv)
-    world, rank, dev = init_distributed(args.device)
+    world, rank, dev = init_distributed(args.device, args.dist_timeout)
     if args.fsdp and world == 1:
         die("--fsdp needs a torchrun launch with 2 or more processes")
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"

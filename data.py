@@ -38,7 +38,10 @@ def parser(doc, device=True):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     if device:
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu")
+        p.add_argument("--dist_timeout", type=at_least(1), default=7200,
+                       help="seconds a process waits for the others (rank 0 writing checkpoints, FID)")
     return p
 
 

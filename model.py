@@ -4,16 +4,13 @@ AdaLN-Zero Block -> Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() 
 Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
 `python model.py` prints the parameter count and forward FLOPs of every preset.
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import DataError
 from spherify import spherify, noisy_latents
 
 
@@ -346,33 +343,6 @@ class SphereEncoder(nn.Module):
                 else 2 * N * (w * 32 + 9 * 32 * 32 + 32 * C * (P + 2) ** 2))                # conv, ConvTranspose
         dec = 2 * N * d * w + mixer(w) + vit(w, cfg.dec_depth) + head
         return {"encoder": enc, "decoder": dec}
-
-
-def init_distributed(device):
-    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU (or gloo CPU slot), TF32 on."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DataError("--device cuda but no GPU is visible; use --device cpu")
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return world, rank, device
-
-
-def shard(model, device, world):
-    """FSDP2: a unit per block and per Mixer, then the rest; on GPU bf16 compute, fp32 grad reduction."""
-    import warnings
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.split(":")[0], (world,))
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
-    for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
-    # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 if __name__ == "__main__":

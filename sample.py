@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from data import DataError, ToyShapes, at_least, build_dataset, die, int_list, parser, script, toy_classifier
-from model import init_distributed
+from parallel import init_distributed
 from spherify import generate, sigma_max, spherify
 
 
@@ -108,7 +108,7 @@ def main(argv=None):
     steps_list = args.steps or [0]
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {','.join(map(str, steps_list))}")
-    world, rank, device = init_distributed(args.device)
+    world, rank, device = init_distributed(args.device, args.dist_timeout)
     model, train_args = load_model(args.ckpt, device)
     cfg = model.cfg
     if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes is not None):

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from checkpoint import Checkpointer, check_out_dir, load_checkpoint
 from data import DataError, Guarded, at_least, build_dataset, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
-from model import SIZES, Config, SphereEncoder, init_distributed, make_config, shard
+from model import SIZES, Config, SphereEncoder, make_config
+from parallel import init_distributed, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 
 # Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
@@ -152,7 +153,7 @@ def save_grids(model, x, args, step, device, n=8):
 @script
 def main(argv=None):
     args, ckpt = get_args(argv)
-    world, rank, device = init_distributed(args.device)
+    world, rank, device = init_distributed(args.device, args.dist_timeout)
     if args.fsdp and world == 1:
         die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
     if args.fsdp and args.ema > 0:
