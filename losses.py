@@ -28,6 +28,7 @@ class LossWeights:
 
 def distance(pred, target):
     """Smooth L1 (beta 1) on images mapped to [0, 1], mean per sample: (B,)."""
+    pred, target = pred.float(), target.float()                              # fp32 under autocast too
     return F.smooth_l1_loss((pred + 1) / 2, (target + 1) / 2, reduction="none", beta=1.0).flatten(1).mean(1)
 
 
@@ -65,7 +66,7 @@ class Perceptual(torch.nn.Module):
         return self.convnext((x - self.mean) / self.std)
 
     def forward(self, pred, target):
-        loss = self.lpips(pred, target).flatten(1).mean(1)                 # (B,), LPIPS takes [-1, 1]
+        loss = self.lpips(pred, target).float().flatten(1).mean(1)         # (B,), LPIPS takes [-1, 1]
         if self.convnext is None:
             return loss
         cnx = F.mse_loss(self.logits(pred), self.logits(target), reduction="none").mean(1)

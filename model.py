@@ -3,6 +3,9 @@ encoder onto the sphere and a Mixer + ViT decoder back. Read bottom-up: position
 AdaLN-Zero Block -> Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of
 Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
 `python model.py` prints the parameter count and forward FLOPs of every preset.
+Precision under bf16 autocast (GPU), the same under DDP and FSDP: matmuls, convs and attention in bf16; the
+residual streams (ViT and Mixer), RMSNorms, RoPE's rotation and the pixel output in fp32 (spherify and the
+losses are fp32 too: spherify.py, losses.py).
 """
 from dataclasses import dataclass
 
@@ -95,9 +98,9 @@ def rope_2d(grid, head_dim, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each channel pair (2i, 2i+1) of x (B, heads, N, hd) by its position's angle."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                            # (B, heads, N, hd/2) each
-    return x * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
+    """Rotate each channel pair (2i, 2i+1) of x (B, heads, N, hd) by its position's angle: fp32 math, x's dtype out."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                    # (B, heads, N, hd/2) each
+    return (x.float() * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin).to(x.dtype)
 
 
 def modulate(x, shift, scale):
@@ -170,7 +173,7 @@ class MixerBlock(nn.Module):
         self.channel_mix = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
         self.a = nn.Parameter(torch.zeros(2))
 
-    def forward(self, x):                                                   # (B, N, D)
+    def forward(self, x):                                                   # (B, N, D), fp32 stream
         x = x + self.a[0] * self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
         return x + self.a[1] * self.channel_mix(self.norm2(x))
 
@@ -181,10 +184,12 @@ class Mixer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([MixerBlock(tokens, dim) for _ in range(depth)])
         self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.grad_ckpt = False                                              # recompute blocks in backward
 
     def forward(self, x):
+        x = x.float()                                                       # the residual stream is fp32
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt else blk(x)
         return self.norm(x)
 
 
@@ -204,7 +209,7 @@ class ViT(nn.Module):
 
     def forward(self, x, y):
         c = None if self.y_embed is None else self.y_embed(y)              # (B, D)
-        x, rope = x + self.pos, (self.rope_cos, self.rope_sin)
+        x, rope = x.float() + self.pos, (self.rope_cos, self.rope_sin)     # the residual stream is fp32
         for blk in self.blocks:
             x = checkpoint(blk, x, c, rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, rope)
         return self.norm(x, c)
@@ -252,7 +257,7 @@ class Decoder(nn.Module):
             x = x.reshape(B, cfg.channels, g * P, g * P)
         else:
             x = x.transpose(1, 2).reshape(B, -1, g, g)                      # (B, 32, h, w)
-        return torch.tanh(self.conv(x))                                     # (B, C, H, W) in [-1, 1]
+        return torch.tanh(self.conv(x).float())                             # (B, C, H, W) in [-1, 1], fp32
 
 
 class SphereEncoder(nn.Module):
@@ -321,7 +326,10 @@ class SphereEncoder(nn.Module):
         z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
         return z, x_NOISY, x_noisy, z_re
 
-    def set_grad_checkpointing(self, on=True): self.encoder.vit.grad_ckpt = self.decoder.vit.grad_ckpt = on
+    def set_grad_checkpointing(self, on=True):
+        for m in (self.encoder.vit, self.decoder.vit, self.encoder.mixer, self.decoder.mixer):
+            m.grad_ckpt = on
+
     def num_params(self): return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self):

@@ -34,7 +34,7 @@ def stratified_uniform(n, generator=None, device=None):
         return torch.rand(n, generator=generator, device=device)
     jitter = torch.rand(n - 2, generator=generator, device=device)
     strata = (torch.arange(n - 2, device=device) + jitter) / (n - 2)     # one draw per 1/(n-2) bin
-    u = torch.cat([strata, torch.tensor([0.0, 1.0], device=device)])
+    u = torch.cat([strata, torch.zeros(1, device=device), torch.ones(1, device=device)])   # fills: no host copy
     return u[torch.randperm(n, generator=generator, device=device)]
 
 
