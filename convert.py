@@ -11,7 +11,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import read_checkpoint, save_checkpoint
-from data import DataError, die, parser, script
+from data import ANGLE, DataError, die, parser, script
 from model import SIZES, Config, SphereEncoder
 
 HEADS = {w: h for pair in SIZES.values() for w, _, h in pair if w >= 512}   # released widths -> heads
@@ -98,7 +98,7 @@ def main(argv=None):
     p.add_argument("--ema", action="store_true", help="take the EMA weights (ema_model)")
     p.add_argument("--dataset", default=None, help="its dataset, for FID (default: from the class count)")
     p.add_argument("--data_dir", default=None, help="where that dataset lives (for FID, viz.py, edit.py)")
-    p.add_argument("--alpha", type=float, default=None, help="training noise angle (default: 80 at 32px, 85 above)")
+    p.add_argument("--alpha", type=ANGLE, default=None, help="training noise angle (default: 80 at 32px, 85 above)")
     args = p.parse_args(argv)
     try:
         ckpt = read_checkpoint(args.src)                                    # weights_only: files from the internet

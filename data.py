@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class DataError(Exception):
@@ -40,7 +41,7 @@ def parser(doc, device=True):
     if device:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu")
-        p.add_argument("--dist_timeout", type=at_least(1), default=7200,
+        p.add_argument("--dist_timeout", type=COUNT, default=7200,
                        help="seconds a process waits for the others (rank 0 writing checkpoints, FID)")
     return p
 
@@ -53,17 +54,64 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"must be integers like 1,2,4 (or 'all'), got {text!r}") from None
 
 
-def at_least(low, cast=int):
-    """An argparse type: a number >= low, else argparse's one-line error (exit 2 with p.error = die)."""
+def number(lo, hi=None, cast=float, lo_open=False, hi_open=False):
+    """An argparse type: a finite number (an integer for cast=int) in [lo, hi], an open end ( or ), no hi: >= lo;
+    else argparse's one-line error naming the flag, like: must be a number in (0, 90), got '95'."""
+    what, left, right = "an integer" if cast is int else "a number", "(["[not lo_open], ")]"[not hi_open]
+    what += f" {'>' if lo_open else '>='} {lo}" if hi is None else f" in {left}{lo}, {hi}{right}"
     def parse(text):
         try:
-            if cast(text) >= low:                                           # False for nan
-                return cast(text)
+            v = cast(text)
+            if math.isfinite(v) and (v > lo or v == lo and not lo_open) and (
+                    hi is None or v < hi or v == hi and not hi_open):
+                return v
         except ValueError:
             pass
-        what = "an integer" if cast is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return parse
+
+
+def at_least(low, cast=int):                                                # an argparse type: a number >= low
+    return number(low, cast=cast)
+
+
+ANGLE, PROB, DECAY = number(0, 90, lo_open=True, hi_open=True), number(0, 1), number(0, 1, hi_open=True)  # degrees
+WEIGHT, POSITIVE = number(0), number(0, lo_open=True)                       # loss weights; rates, clips, scales
+COUNT, STEPS = number(1, cast=int), number(0, cast=int)                     # counts and sizes; steps, indices
+
+
+def default_workers(cap=8):
+    """DataLoader workers: the CPUs this process may use, less one for the main process, at most cap."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(cap, cpus - 1))
+
+
+class Lines(tqdm):
+    """tqdm for a log file or pipe: a plain line at most every mininterval s and one at the end, never a \\r."""
+    monitor_interval = 0                                                    # no monitor thread redrawing
+
+    def display(self, msg=None, pos=None, last=False):
+        shown = getattr(self, "shown", (-math.inf, None))                   # (time, n) of the last line
+        if msg is None and (self._time() - shown[0] >= self.mininterval or last and shown[1] != self.n):
+            self.shown = (self._time(), self.n)
+            print(self, file=self.fp, flush=True)
+
+    def clear(self, nolock=False): pass                                     # write(): a line has nothing to erase
+
+    def close(self):
+        if not self.disable:
+            self._ema_dt = lambda: None                                     # the overall rate, as tqdm's last line
+            self.display(last=True)
+        self.leave = False                                                  # tqdm's close then writes nothing
+        super().close()
+
+
+def progress(iterable=None, **kw):
+    """tqdm(iterable, **kw) on a terminal; to a file or pipe (Slurm, > log) Lines, every TQDM_MININTERVAL s (30)."""
+    fp = kw.get("file") or sys.stderr
+    if getattr(fp, "isatty", lambda: False)():
+        return tqdm(iterable, **kw)
+    return Lines(iterable, **{"mininterval": float(os.environ.get("TQDM_MININTERVAL", 30)), "ascii": True, **kw})
 
 
 class ToyShapes(torch.utils.data.Dataset):
@@ -200,21 +248,42 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
     return ds, 0 if unconditional else len(ds.classes)                      # 0: train.py ignores the labels
 
 
+def folder_settings(data_dir, n=8):
+    """What an ImageFolder tree (class subfolders) holds: {image_size: the median short side of n images
+    spread over it, num_classes, num_images}. DataError (one line) when none of those n can be read."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    try:
+        classes, index = find_classes(data_dir)
+        files = make_dataset(data_dir, index, IMG_EXTENSIONS)
+    except OSError as err:                                                  # no folder, no class folders or images
+        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images ({err})") from None
+    sides, why = [], ""
+    for path, _ in files[::max(1, len(files) // n)][:n]:                    # n images, spread over the classes
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception as err:                                            # PIL: OSError, SyntaxError, ...
+            why = why or f"{path}: {type(err).__name__}"
+    if not sides:
+        raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be read (first: {why})")
+    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=len(classes), num_images=len(files))
+
+
 if __name__ == "__main__":                                    # read every item as training would; exit 1 if any fails
     p = parser("List every unreadable image of a data set: python data.py --check --dataset D --data_dir DIR",
                device=False)
     p.add_argument("--dataset", default="toy", choices=["toy", *WHERE])
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--image_size", type=at_least(1), default=32)
+    p.add_argument("--image_size", type=COUNT, default=32)
     p.add_argument("--check", action="store_true", required=True, help="read every image, list the unreadable ones")
     args = p.parse_args()
     try:
         ds = Guarded(build_dataset(args.dataset, args.data_dir, args.image_size)[0])
     except DataError as err:
         die(str(err))
-    from tqdm import tqdm
     bad = []
-    for i in tqdm(range(len(ds)), desc="reading", unit="img"):
+    for i in progress(range(len(ds)), desc="reading", unit="img"):
         try:
             ds.ds[i]
         except Exception as err:

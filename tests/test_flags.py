@@ -1,0 +1,75 @@
+"""Every numeric flag is checked against its domain: a bad value is one line naming the flag, exit 2, no
+traceback, nothing written. Plus the helpers of data.py: progress() to a log file, folder_settings, default_workers."""
+import importlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from data import DataError, default_workers, folder_settings, progress
+
+ROWS = [  # script, arguments ({out}: where it would write), the error's words, as a subprocess (else main(argv))
+    ("data.py", ["--check", "--image_size", "0"], "argument --image_size: must be an integer >= 1, got '0'", True),
+    ("data.py", ["--check", "--image_size", "1.5"], "argument --image_size: must be an integer >= 1, got '1.5'", True),
+    ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "95"], "argument --alpha: must be a number in (0, 90), got '95'", True),
+    ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "0"], "argument --alpha: must be a number in (0, 90), got '0'", False),
+    ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "nan"], "argument --alpha: must be a number in (0, 90)", False),
+    ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "inf"], "argument --alpha: must be a number in (0, 90)", False),
+    ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "x"], "argument --alpha: must be a number in (0, 90), got 'x'", False),
+]
+
+
+@pytest.mark.parametrize("script, args, words, sub", ROWS, ids=[f"{r[0]} {' '.join(r[1][-2:])}" for r in ROWS])
+def test_bad_flag_value_is_one_line_exit_2_nothing_written(script, args, words, sub, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.replace("{out}", str(out)) for a in args]
+    if sub:
+        r = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        code, err = r.returncode, r.stderr
+    else:
+        with pytest.raises(SystemExit) as exc:
+            importlib.import_module(script[:-3]).main(argv)
+        code, err = exc.value.code, capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_progress_to_a_file_writes_a_few_plain_lines(monkeypatch):
+    f = io.StringIO()                                                       # a fast run: the first and last line
+    bar = progress(total=1300, initial=100, dynamic_ncols=True, file=f)
+    for step in range(100, 1300):
+        bar.update(1)
+        if step % 100 == 0:
+            bar.write(f"step {step}", file=f)                              # messages add no bar lines
+    bar.close()
+    lines = f.getvalue().splitlines()
+    assert "\r" not in f.getvalue() and len(lines) == 14 and "100/1300 [" in lines[0] and "1300/1300 [" in lines[-1]
+    monkeypatch.setattr("tqdm.std.time", iter(range(10**6)).__next__)       # a slow run: 1 s per look at the clock
+    f = io.StringIO()
+    for _ in progress(range(300), desc="reading", file=f):
+        pass
+    lines = f.getvalue().splitlines()                                       # every 30 s: 0, 30, ... and the end
+    assert "\r" not in f.getvalue() and 4 <= len(lines) <= 11 and lines[-1].startswith("reading: 100%|"), lines
+
+
+def test_folder_settings_reads_size_and_counts(tmp_path):
+    for k, side in enumerate([64, 64, 80, 64, 50, 64, 96, 64, 64]):       # 3 classes x 3 images
+        os.makedirs(tmp_path / "abc"[k // 3], exist_ok=True)
+        Image.new("RGB", (side + 10, side)).save(tmp_path / "abc"[k // 3] / f"{k}.png")
+    assert folder_settings(tmp_path) == dict(image_size=64, num_classes=3, num_images=9)
+    for k in range(9):
+        (tmp_path / "abc"[k // 3] / f"{k}.png").write_text("<html>404</html>")
+    with pytest.raises(DataError, match="none of the 8 images sampled in .* can be read"):
+        folder_settings(tmp_path)
+    with pytest.raises(DataError, match="not a folder of class subfolders"):
+        folder_settings(tmp_path / "a")
+
+
+def test_default_workers_fit_the_cpus(monkeypatch):
+    for cpus, cap, want in ((2, 8, 1), (1, 8, 0), (64, 8, 8), (16, 4, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+        assert default_workers(cap) == want
