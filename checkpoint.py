@@ -41,7 +41,8 @@ def save_checkpoint(obj, path):
 
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) of any file; missing, not a zip, truncated, corrupt -> DataError."""
+    """torch.load(path, weights_only=True) of any file, memory-mapped (tensors nobody reads, e.g. the optimizer
+    state in sample.py, stay on disk); missing, not a zip, truncated, corrupt -> DataError."""
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
@@ -51,7 +52,7 @@ def read_checkpoint(path):
     if not zipfile.is_zipfile(path):                                        # the archive's directory is at its end
         raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:                                                # never torch's weights_only paragraph
         found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"WeightsUnpickler error: (.*)", str(err))
         raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never do"
@@ -73,20 +74,25 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_model(path, device="cpu"):
-    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint."""
+def load_model(path, device="cpu", ema=True):
+    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint: its EMA weights when it
+    has them (train.py --ema) and ema, else the trained ones."""
     ckpt = load_checkpoint(path)
+    ema = ema and "ema" in ckpt
+    if ema and os.environ.get("RANK", "0") == "0":                          # once under torchrun
+        print(f"using the EMA weights of {path} (--raw_weights for the trained ones)")
     try:
         model = SphereEncoder(Config(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["ema" if ema else "model"])
     except (TypeError, RuntimeError) as err:
         raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt["args"]
 
 
 def load_model_and_data(args):
-    """viz.py, edit.py: model of --ckpt, its training args, the images of --dataset (default: the ckpt's)."""
-    model, targs = load_model(args.ckpt, args.device)
+    """viz.py, edit.py: model of --ckpt (EMA weights unless --raw_weights), its training args, the images of
+    --dataset (default: the ckpt's)."""
+    model, targs = load_model(args.ckpt, args.device, ema=not args.raw_weights)
     ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
                           model.cfg.image_size)
     return model, targs, ds

@@ -62,6 +62,7 @@ def main(argv=None):
     p.add_argument("--images", type=int_list, default="0,1,2,3", help="dataset indices, comma-separated")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
+    p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--target", type=at_least(0), default=None, help="the class (required for manipulate)")
     p.add_argument("--steps", type=at_least(1), default=None, help="rounds (crossover 10, manipulate 4)")
     p.add_argument("--r", type=at_least(0.0, float), default=None, help="noise strength (crossover 0.25, manipulate 1)")

@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
     p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
     p.add_argument("--data_dir", default=None)
+    p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--n", type=at_least(2), default=1000, help="images to encode (and prior points)")
     p.add_argument("--steps", type=at_least(1), default=6, help="Algorithm 1 steps for the trajectory")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz)")

@@ -1,7 +1,8 @@
-"""viz.py and edit.py on a tiny untrained model: valid PNGs, the uniformity measure, editing."""
+"""viz.py and edit.py on a tiny untrained model: valid PNGs, the uniformity measure, editing, EMA weights."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -89,3 +90,20 @@ def test_viz_without_checkpoint_says_what_to_run(tmp_path):
     r = subprocess.run([sys.executable, "viz.py", "--ckpt", str(tmp_path / "none.pt")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "run `python train.py` first" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_edit_uses_the_ema_weights_unless_raw_weights(model, tmp_path):
+    from dataclasses import asdict
+    sd = model.state_dict()
+    ema = {k: v * 0.5 for k, v in sd.items()}
+    meta = {"config": asdict(model.cfg), "args": {"dataset": "toy", "alpha": 80.0}}
+    for name, ck in [("both", {"model": sd, "ema": ema}), ("trained", {"model": sd}), ("ema_only", {"model": ema})]:
+        torch.save({**ck, **meta}, tmp_path / f"{name}.pt")
+
+    def recon(name, *flags):
+        edit.main(["recon", "--ckpt", str(tmp_path / f"{name}.pt"), "--images", "0,1", "--device", "cpu",
+                   "--out", str(tmp_path / "r.png"), *flags])
+        return torch.tensor(np.asarray(Image.open(tmp_path / "r.png")))
+    with_ema, raw = recon("both"), recon("both", "--raw_weights")
+    assert torch.equal(with_ema, recon("ema_only")) and torch.equal(raw, recon("trained"))
+    assert not torch.equal(with_ema, raw)
