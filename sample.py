@@ -2,13 +2,19 @@
 schedule, classifier-free guidance (App. C.1). Step 1 decodes D(f(e)), later steps re-encode and re-noise.
     python sample.py --ckpt out/toy/last.pt --steps 4
     torchrun --nproc_per_node=8 sample.py --ckpt x.pt --num_samples 50000 --npz samples.npz  # sharded
+    python sample.py --ckpt x.pt --num_samples 50000 --fid --ref VIRTUAL_imagenet256_labeled.npz --inception_weights W
 """
+import hashlib
 import os
+import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -17,29 +23,80 @@ from data import DataError, ToyShapes, at_least, build_dataset, die, int_list, p
 from parallel import init_distributed
 from spherify import generate, sigma_max, spherify
 
+POST_DELAY = float(os.environ.get("SPHERE_POST_DELAY", 0))   # tests: rank 0's writing outlasts --dist_timeout
 
-def fidelity(samples, args, train_args):
-    """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity against the training set or --ref DIR."""
+
+class Images(torch.utils.data.Dataset):
+    """What torch-fidelity reads, uint8 images (3, H, W), from a uint8 tensor (N, 3, H, W), a training set
+    ((image in [-1, 1], label) items) or image files (read through tf)."""
+    def __init__(self, items, tf=None): self.items, self.tf = items, tf
+    def __len__(self): return len(self.items)
+
+    def __getitem__(self, i):
+        x = self.items[i]
+        if isinstance(x, str):
+            return self.tf(Image.open(x).convert("RGB"))
+        x = x[0] if isinstance(x, tuple) else x
+        return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def cache_name(kind, path, image_size, count):
+    """torch-fidelity's statistics cache key, from what they are computed from: two trees never share one."""
+    where = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10] if path else "builtin"
+    return f"sphere-{kind}-{where}-{image_size}px-{count}"
+
+
+def reference(ref, train_args, size):
+    """FID reference as (Images of (3, size, size), cache name): --ref, an ADM .npz batch (arr_0, uint8 NHWC) or
+    an image folder tree (any depth and sizes; resized and center-cropped as in training), else the training set."""
+    if ref is None:
+        ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), size)
+        return Images(ds), cache_name(train_args["dataset"], train_args.get("data_dir"), size, len(ds))
+    if os.path.isdir(ref):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(ref, followlinks=True) for f in fs
+                       if f.lower().endswith(IMG_EXTENSIONS))
+        mode = T.InterpolationMode.NEAREST if size <= 64 else T.InterpolationMode.BICUBIC   # as data.build_dataset
+        ds = Images(files, T.Compose([T.Resize(size, mode, antialias=True), T.CenterCrop(size), T.PILToTensor()]))
+    elif ref.endswith(".npz") and os.path.isfile(ref):
+        try:
+            x = np.load(ref)["arr_0"]
+        except Exception as err:                                            # no arr_0, not a zip, truncated, ...
+            raise DataError(f"--ref {ref!r} is not an ADM reference batch ({str(err).splitlines()[0]})") from None
+        if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3):
+            raise DataError(f"--ref {ref!r}: arr_0 is {x.dtype} {x.shape}; this model's are uint8 (N, {size}, {size}, 3)")
+        ds = Images(torch.from_numpy(x).permute(0, 3, 1, 2))               # (N, 3, S, S)
+    else:
+        raise DataError(f"--ref {ref!r} is neither an image folder nor an .npz reference batch (arr_0 uint8 NHWC)")
+    if len(ds) == 0:
+        raise DataError(f"--ref {ref!r} holds no images")
+    return ds, cache_name("ref", ref, size, len(ds))
+
+
+def fidelity(samples, args, ref):
+    """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity; ref: reference()'s (images, cache name)."""
     import torch_fidelity
-
-    class U8(torch.utils.data.Dataset):                                     # torch-fidelity wants uint8
-        def __init__(self, x): self.x = x
-        def __len__(self): return len(self.x)
-        def __getitem__(self, i):
-            x = self.x[i][0] if isinstance(self.x[i], tuple) else self.x[i]  # dataset items are (image, label)
-            return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-    kw = dict(input1=U8(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
+    kw = dict(input1=Images(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
               feature_extractor_weights_path=args.inception_weights)
-    if args.fid and args.ref:
-        kw["input2"] = args.ref
-    elif args.fid:                                                          # the training set, statistics cached
-        ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), train_args["image_size"])
-        kw.update(input2=U8(ds), input2_cache_name=f"sphere-{train_args['dataset']}-{train_args['image_size']}-train")
+    if args.fid:                                                            # statistics cached under ref[1]
+        kw.update(input2=ref[0], input2_cache_name=ref[1])
     try:
         return torch_fidelity.calculate_metrics(**kw)
     except Exception as err:                                                # offline Inception download, ...
         raise DataError(f"torch-fidelity failed ({str(err).splitlines()[0]}). Offline, put the Inception weights "
                         f"weights-inception-2015-12-05-6726825d.pth somewhere and pass --inception_weights PATH") from None
+
+
+def write_npz(path, **arrays):
+    """np.savez through path.tmp and a rename: a kill never leaves a truncated npz; failure -> DataError."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise DataError(f"cannot write {path!r}: {err.strerror or err}") from None
 
 
 def frechet_distance(f1, f2):
@@ -101,15 +158,17 @@ def main(argv=None):
     p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
     p.add_argument("--fid", action="store_true", help="FID against the training set / --ref (torch-fidelity)")
     p.add_argument("--is", dest="is_", action="store_true", help="Inception Score (torch-fidelity)")
-    p.add_argument("--ref", default=None, help="FID reference: an image folder (default: the training set)")
+    p.add_argument("--ref", default=None, help="FID reference (default: the training set): an image folder tree "
+                   "(resized and cropped as in training) or an ADM .npz batch (VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
+    p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
     args = p.parse_args(argv)
     steps_list = args.steps or [0]
     if min(steps_list) < 1:
         die(f"--steps must be >= 1, got {','.join(map(str, steps_list))}")
     world, rank, device = init_distributed(args.device, args.dist_timeout)
-    model, train_args = load_model(args.ckpt, device)
+    model, train_args = load_model(args.ckpt, device, ema=not args.raw_weights)
     cfg = model.cfg
     if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes is not None):
         die("--cfg and --classes need a class-conditional model; this one is unconditional (use --cfg 1)")
@@ -118,18 +177,15 @@ def main(argv=None):
         die(f"class ids must be in 0..{cfg.num_classes - 1}, got {','.join(map(str, classes))}")
     if args.toy_metrics and train_args["dataset"] != "toy":
         die("--toy_metrics is for models trained on the toy data")
+    ref = reference(args.ref, train_args, cfg.image_size) if args.fid and rank == 0 else None   # bad --ref: fail now
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     alpha = args.alpha if args.alpha is not None else train_args["alpha"]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
-    if args.toy_metrics and rank == 0:
-        clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier_seed0.pt"))
-        err, acc, per_class = toy_recon_scores(model, clf)
-        print(f"reconstructions: colour error {err:.1f} / 255 (mean colour per image and channel), class accuracy "
-              f"{acc:.3f}\n  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()))
     # labels balanced over the chosen classes, grouped so grid rows are classes
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
+    results = []                                                            # rank 0: (steps, uint8 (n, C, H, W), first)
     for steps in steps_list:
         # torchrun: batches dealt round-robin, gathered on rank 0; batch i seeded by (seed, i) on any world size
         mine, first = [], None
@@ -147,46 +203,45 @@ def main(argv=None):
         if world > 1:
             parts = [None] * world if rank == 0 else None
             dist.gather_object(mine, parts, dst=0)
-            mine = sum(parts, []) if rank == 0 else mine
-        error = None
-        if rank == 0:                                                       # rank 0 writes; the others wait below
-            u8 = torch.cat([x for _, x in sorted(mine, key=lambda m: m[0])])   # (n, C, H, W) uint8
-            y = torch.full((n,), -1) if labels is None else labels
-            suffix = f"_{steps}step" if len(steps_list) > 1 else ""
-            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-            by_class = cfg.num_classes and len(classes) <= 32 and n <= 512
-            save_image(u8[:512] / 255, root + suffix + ext, nrow=max(1, n // len(classes)) if by_class else 16)
-            print(f"wrote {root}{suffix}{ext} ({n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
-            if args.per_step:                                                   # rows = samples, columns = steps
-                save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
-                print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
-            if args.out_dir:
-                os.makedirs(args.out_dir + suffix, exist_ok=True)
-                for j, x in enumerate(u8):
-                    save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
-            if args.npz:
-                path = args.npz.replace(".npz", f"{suffix}.npz")
-                np.savez(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
-                print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
-            if args.toy_metrics:
-                m = toy_scores(u8 / 255 * 2 - 1, y, clf)
-                print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
-                      f"colour spread {m['colour_spread']:.2f} (data: 1)")
-                print("  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class"].items()))
-            if args.fid or args.is_:
-                try:
-                    metrics = fidelity(u8, args, train_args)
-                    print(f"steps {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                except DataError as err:
-                    error = str(err)
-        if world > 1:                                                       # every rank stops on rank 0's error
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            die(error)
-    if world > 1:
+            mine = sum(parts, []) if rank == 0 else []
+        if rank == 0:
+            results.append((steps, torch.cat([x for _, x in sorted(mine, key=lambda m: m[0])]), first))
+    if world > 1:                           # rank 0 writes and scores alone, with no rank waiting in a collective
         dist.destroy_process_group()
+        if rank > 0:
+            return
+    time.sleep(POST_DELAY)
+    if args.toy_metrics:
+        clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier_seed0.pt"))
+        err, acc, per_class = toy_recon_scores(model, clf)
+        print(f"reconstructions: colour error {err:.1f} / 255 (mean colour per image and channel), class accuracy "
+              f"{acc:.3f}\n  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()))
+    y = torch.full((n,), -1) if labels is None else labels
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    for steps, u8, first in results:
+        suffix = f"_{steps}step" if len(steps_list) > 1 else ""
+        by_class = cfg.num_classes and len(classes) <= 32 and n <= 512
+        save_image(u8[:512] / 255, root + suffix + ext, nrow=max(1, n // len(classes)) if by_class else 16)
+        print(f"wrote {root}{suffix}{ext} ({n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
+        if args.per_step:                                                   # rows = samples, columns = steps
+            save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
+            print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
+        if args.out_dir:
+            os.makedirs(args.out_dir + suffix, exist_ok=True)
+            for j, x in enumerate(u8):
+                save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
+        if args.npz:
+            path = (args.npz[:-4] if args.npz.endswith(".npz") else args.npz) + suffix + ".npz"
+            write_npz(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+            print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
+        if args.toy_metrics:
+            m = toy_scores(u8 / 255 * 2 - 1, y, clf)
+            print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
+                  f"colour spread {m['colour_spread']:.2f} (data: 1)")
+            print("  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class"].items()))
+        if args.fid or args.is_:                                            # a DataError ends with exit 2
+            metrics = fidelity(u8, args, ref)
+            print(f"steps {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":

@@ -178,29 +178,66 @@ def test_toy_recon_scores_colour_gap_and_class_accuracy():
     assert per_class == {name: float(name == "ring") for name in ToyShapes.classes[:8]}
 
 
-def test_fid_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys):
+def test_fid_gets_the_ref_at_model_size_and_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys, tmp_path):
     import torch_fidelity
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((6, 32, 32, 3), np.uint8))    # ADM reference batch format
+    seen = {}
 
     def offline(**kw):
+        seen.update(kw)
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", offline)
     with pytest.raises(SystemExit) as exc:
-        sample.main(["--ckpt", ckpt, "--n", "4", "--steps", "1", "--fid", "--ref", os.path.dirname(ckpt),
-                     "--out", os.path.join(os.path.dirname(ckpt), "f.png")])
+        sample.main(["--ckpt", ckpt, "--n", "4", "--steps", "1", "--fid", "--ref", str(tmp_path / "ref.npz"),
+                     "--out", str(tmp_path / "f.png")])
     assert exc.value.code == 2
     assert "--inception_weights PATH" in capsys.readouterr().err
+    assert len(seen["input1"]) == 4 and seen["input1"][0].dtype == torch.uint8 and seen["input1"][0].shape == (3, 32, 32)
+    assert len(seen["input2"]) == 6 and seen["input2"][5].dtype == torch.uint8 and seen["input2"][5].shape == (3, 32, 32)
+    assert seen["input2_cache_name"].startswith("sphere-ref-") and seen["input2_cache_name"].endswith("-32px-6")
 
 
-def test_torchrun_sharded_sampling_equals_one_process(ckpt, tmp_path):
+def test_bad_ref_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "generate", None)                                # never reached
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--ckpt", ckpt, "--fid", "--ref", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("is neither an image folder nor an .npz reference batch (arr_0 uint8 NHWC)")
+
+
+def test_ema_weights_are_sampled_unless_raw_weights(ckpt, tmp_path, capsys):
+    ck = torch.load(ckpt, weights_only=True)
+    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in ck["model"].items()}
+    torch.save({**ck, "ema": ema}, tmp_path / "ema.pt")                          # train.py --ema
+    torch.save({**ck, "model": ema}, tmp_path / "ema_as_model.pt")               # no "ema": its "model" is used
+
+    def npz(path, *flags):
+        out = str(tmp_path / "s.npz")
+        sample.main(["--ckpt", str(path), "--n", "4", "--steps", "1", "--out", str(tmp_path / "g.png"), "--npz", out, *flags])
+        return np.load(out)["arr_0"]
+    with_ema = npz(tmp_path / "ema.pt")
+    assert f"using the EMA weights of {tmp_path / 'ema.pt'} (--raw_weights for the trained ones)" in capsys.readouterr().out
+    assert np.array_equal(with_ema, npz(tmp_path / "ema_as_model.pt"))
+    raw = npz(tmp_path / "ema.pt", "--raw_weights")
+    assert "EMA" not in capsys.readouterr().out
+    assert np.array_equal(raw, npz(ckpt)) and not np.array_equal(raw, with_ema)
+
+
+def test_torchrun_sharded_sampling_equals_one_process_and_outlasts_dist_timeout(ckpt, tmp_path):
     one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
-    args = ["--ckpt", ckpt, "--num_samples", "12", "--batch_size", "4", "--steps", "2", "--out", str(tmp_path / "g.png")]
-    assert run(*args, "--npz", one).returncode == 0
+    args = ["--ckpt", ckpt, "--num_samples", "12", "--batch_size", "4", "--steps", "1,2", "--out", str(tmp_path / "g.png")]
+    sample.main([*args, "--npz", one])
+    # rank 0 writes 4 s after the group is gone: ranks waiting in a collective for it would die at --dist_timeout 3
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
-                        "sample.py", *args, "--npz", two, "--device", "cpu"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "sample.py", *args, "--npz", two, "--device", "cpu", "--dist_timeout", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "SPHERE_POST_DELAY": "4"})
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = np.load(one), np.load(two)
-    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    for s in (1, 2):
+        a, b = np.load(one.replace(".npz", f"_{s}step.npz")), np.load(two.replace(".npz", f"_{s}step.npz"))
+        assert b["arr_0"].shape == (12, 32, 32, 3)
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_toy_classifier_is_the_same_judge_for_every_run(tmp_path):
