@@ -145,11 +145,12 @@ class Checkpointer:
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
         if self.rank > 0:
-            return
+            return sd                                                       # {}: rank 0 has the full weights
         obj = {"model": sd, "optimizer": osd, "step": step, "config": asdict(self.cfg), "args": vars(self.args),
                "rng": rngs, "bad_images": bad, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
         save_checkpoint(obj, self.path)                                     # DataError on a full disk
         self.saved_step = step
         if self.args.keep_every and step % self.args.keep_every == 0:
             save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
+        return sd                                                           # the gathered weights, for the grids
 

@@ -31,16 +31,93 @@ def init_distributed(device, timeout_s=7200):
     return world, rank, device
 
 
-def shard(model, device, world):
+def shard(model, device, world, compile_blocks=False):
     """FSDP2: a unit per block and per Mixer, then the rest; on GPU bf16 compute, fp32 grad reduction.
     Units keep their inputs' dtype (cast_forward_inputs=False): the residual stream's precision is set by the
-    model (model.py), the same under DDP and FSDP."""
+    model (model.py), the same under DDP and FSDP. compile_blocks: torch.compile each Block and MixerBlock
+    before sharding (FSDP2's hooks are not traceable, so a compiled root would break at every unit)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.split(":")[0], (world,))
     mp = (MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
           if device.startswith("cuda") else MixedPrecisionPolicy())
+    if compile_blocks:
+        for m in model.modules():
+            if type(m).__name__ in ("Block", "MixerBlock"):
+                m.compile()
     for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+# --- The memory plan: what one training step holds per GPU, before it runs ------------------------------------
+# Activations are the tensors a step's forward saves for backward (Eq. 4-10: the encoder on x and on D(v_NOISY),
+# the decoder on 2B), counted per op of model.py under the precision it states: fp32 streams and norms (s = 4
+# bytes), bf16 matmul/attention tensors on GPU (a = 2; 4 in fp32). tests/test_plan.py holds the count against
+# torch's own saved tensors (saved_tensors_hooks) on CPU, fp32 and bf16 autocast.
+LPIPS_PER_PIXEL = {2: 1339, 4: 2439}         # bytes a VGG-LPIPS call saves per image pixel (measured on CPU)
+CONVNEXT_PER_IMAGE = {2: 46.3e6, 4: 90.2e6}  # bytes a ConvNeXt-Small call saves per image (224px; measured)
+GIB = 2 ** 30
+
+
+def activation_bytes(cfg, a=2, fused_norm=True, grad_ckpt=False):
+    """(held, recomputed) bytes per training image: saved for backward, and live while grad_ckpt recomputes
+    one block in backward. a: bytes of matmul/attention tensors (bf16 2, fp32 4);
+    fused_norm: RMSNorm saves its input and 1/rms (CUDA) rather than also its normalized input (CPU)."""
+    s, N, H, W = 4, cfg.grid ** 2, cfg.image_size, cfg.image_size
+    norm = s * (1 if fused_norm else 2)                                    # per channel: input (+ normalized)
+
+    def block(D, heads):        # per token: 2 norms + 2 modulations (fp32), 11 D-wide and 4 H-wide bf16 tensors
+        hidden = int(2 / 3 * cfg.mlp_ratio * D)                            # (qkv in/out 4, rope q k 2, sdpa out,
+        return 2 * norm * D + 2 * s * D + 11 * a * D + 4 * a * hidden + 4 * heads + 8  # proj in/out, w12 in, w3 out)
+
+    def mixer(D):               # per token and block: 2 norms, token mix 4 D-wide, channel mix 6 D-wide
+        return 2 * norm * D + 10 * a * D
+
+    def vit(D, depth, heads):   # per token: blocks (or under grad_ckpt their fp32 inputs) + final norm + head input
+        return (depth * s * D if grad_ckpt else depth * block(D, heads)) + (norm + s + a) * D
+
+    def mix(D):
+        return (cfg.mixer_depth * s * D if grad_ckpt else cfg.mixer_depth * mixer(D)) + norm * D
+    enc = N * (vit(cfg.enc_width, cfg.enc_depth, cfg.enc_heads) + mix(cfg.latent_dim) + 2 * a * cfg.enc_width)
+    dec = N * (vit(cfg.dec_width, cfg.dec_depth, cfg.dec_heads) + mix(cfg.dec_width) + a * cfg.latent_dim)
+    pixels = 3 * H * W * (2 * a + 2 * (2 * a + s) + 4 * s)                # patchify x2, pixel heads x2, losses
+    latents = 12 * s * N * cfg.latent_dim                                  # spherify, noise, cosine
+    held = 2 * enc + 2 * dec + pixels + latents                            # at the end of the forward
+    widest = max(block(cfg.enc_width, cfg.enc_heads), block(cfg.dec_width, cfg.dec_heads), mixer(cfg.dec_width))
+    return held, (2 * N * widest if grad_ckpt else 0)                      # + a block recomputed on 2B in backward
+
+
+def memory_plan(cfg, params, batch, world, gpu_mem_gb, grad_accum=None, grad_ckpt=None, fsdp=False, ema=False,
+                perceptual=False, convnext=False, a=2):
+    """Per-GPU plan {micro, grad_accum, grad_ckpt, parts (GiB), est_gb, fits}: flags given (not None) are kept;
+    the rest is chosen so the step fits 85% of gpu_mem_gb (the rest: allocator slack, transients), preferring
+    no recompute down to micro-batch 8, then activation checkpointing."""
+    per_gpu = batch // world
+    shards = world if fsdp else 1
+    fixed = {"weights+grads+AdamW (fp32)": 16 * params / shards,
+             "bf16 weight copies": (2 * params if not fsdp else 0) if a == 2 else 0,
+             "EMA": 4 * params if ema else 0,
+             "CUDA context, workspaces": 1.5 * GIB,
+             "LPIPS/ConvNeXt weights": (30e6 * 4 if perceptual else 0) + (50e6 * 6 if convnext else 0)}
+    per_image = {"perceptual activations": (2 * LPIPS_PER_PIXEL[a] * cfg.image_size ** 2 if perceptual else 0)
+                 + (2 * CONVNEXT_PER_IMAGE[a] if convnext else 0)}
+
+    def plan(micro, ckpt):
+        held, recompute = activation_bytes(cfg, a, grad_ckpt=ckpt)
+        parts = {**fixed, f"activations ({micro} images)": micro * (held + recompute),
+                 "perceptual activations": micro * per_image["perceptual activations"]}
+        parts = {k: v / GIB for k, v in parts.items() if v}
+        est = sum(parts.values())
+        return dict(micro=micro, grad_accum=per_gpu // micro, grad_ckpt=ckpt, parts=parts, est_gb=est,
+                    fits=est <= 0.85 * gpu_mem_gb)
+    micros = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]
+    if grad_accum is not None:
+        micros = [per_gpu // grad_accum]
+    options = [plan(m, c) for c in ([grad_ckpt] if grad_ckpt is not None else [False, True]) for m in micros]
+    fit = [p for p in options if p["fits"]]
+    if not fit:
+        return options[-1]                                                 # the smallest: fits=False
+    best = max(fit, key=lambda p: (not p["grad_ckpt"] and p["micro"] >= min(per_gpu, 8), p["micro"]))
+    return best

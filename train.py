@@ -6,10 +6,12 @@ Sec. 3, 6, App. C.2, D and REFERENCE.md Sec. 3-5.
     python train.py --resume --out_dir out/toy                 # continue from out/toy/last.pt
 Writes to --out_dir: last.pt, ckpt_<step>.pt, samples_<step>.png (Algorithm 1), recon_<step>.png, log.jsonl.
 """
+import argparse
 import itertools
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -26,7 +28,7 @@ from checkpoint import Checkpointer, check_out_dir, load_checkpoint
 from data import DataError, Guarded, at_least, build_dataset, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
-from parallel import init_distributed, shard
+from parallel import init_distributed, memory_plan, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 
 # Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
@@ -63,7 +65,8 @@ def get_args(argv=None):
     p.add_argument("--max_steps", type=count, default=None, help="optimizer steps; overrides --epochs")
     p.add_argument("--warmup_epochs", type=real, default=None)
     p.add_argument("--batch_size", type=pos, default=None, help="global batch over all GPUs and accumulation")
-    p.add_argument("--grad_accum", type=pos, default=1, help="micro-batches per step on each GPU")
+    p.add_argument("--grad_accum", type=pos, default=None, help="micro-batches per step on each GPU (default: "
+                   "the memory plan on GPU, 1 on CPU)")
     p.add_argument("--lr", type=real, default=None, help="peak decoder lr (default: table lr x batch/256)")
     p.add_argument("--min_lr", type=real, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
     p.add_argument("--enc_lr_mult", type=real, default=0.1, help="encoder lr = this x decoder lr [released]")
@@ -80,12 +83,18 @@ def get_args(argv=None):
     p.add_argument("--num_workers", type=count, default=None)
     p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction unreadable")
     p.add_argument("--log_every", type=pos, default=50)
-    p.add_argument("--ckpt_every", type=pos, default=500, help="write last.pt every N steps")
+    p.add_argument("--ckpt_every", type=pos, default=None, help="write last.pt every N steps (default: by time, "
+                   "every max(60 s, 100 x the last save's time): <= 1%% of the run spent saving)")
     p.add_argument("--keep_every", type=count, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
     p.add_argument("--sample_every", type=pos, default=500, help="sample and reconstruction grids every N steps")
     p.add_argument("--sample_steps", type=pos, default=4, help="Algorithm 1 steps for the grids")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing per block (default: the memory plan on GPU, off on CPU)")
+    p.add_argument("--dry_run", action="store_true", help="print the per-GPU memory plan and exit")
+    p.add_argument("--gpus", type=pos, default=None, help="GPUs to plan for (default: the processes launched)")
+    p.add_argument("--gpu_mem", type=at_least(1.0, float), default=None, help="GB per GPU to plan for "
+                   "(default: the GPU's; --dry_run without one: 80)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
@@ -133,6 +142,103 @@ def get_lr(step, peak, warmup, total, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def plan_memory(args, cfg, world, device):
+    """Fit a step to the GPU (parallel.memory_plan): micro-batch, --grad_accum, --grad_ckpt; flags given win.
+    Prints the plan (--dry_run: part by part, then exits); a plan that cannot fit stops here, saying what would."""
+    gpus, gpu = args.gpus or world, device.startswith("cuda")
+    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if gpu else 80.0)
+    if not (gpu or args.dry_run):                                           # CPU: one micro-batch, no recompute
+        args.grad_accum, args.grad_ckpt = args.grad_accum or 1, bool(args.grad_ckpt)
+        return
+    if args.batch_size % gpus or (args.grad_accum and (args.batch_size // gpus) % args.grad_accum):
+        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {gpus * (args.grad_accum or 1)}")
+    with torch.device("meta"):
+        params = SphereEncoder(cfg).num_params()
+    perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0)
+    plan = memory_plan(cfg, params, args.batch_size, gpus, mem, args.grad_accum, args.grad_ckpt, **perc)
+    line = (f"plan: micro_batch={plan['micro']} grad_accum={plan['grad_accum']} grad_ckpt="
+            f"{'on' if plan['grad_ckpt'] else 'off'} est_gb={plan['est_gb']:.1f}")
+    if args.dry_run:
+        print(f"memory plan per GPU: {args.model} {args.dataset} {cfg.image_size}px, batch {args.batch_size} over "
+              f"{gpus} GPU(s){' (FSDP)' if args.fsdp else ''}, {mem:.0f} GB each (fits: <= 85%)")
+        for k, v in plan["parts"].items():
+            print(f"  {k:<32} {v:7.2f} GB")
+    if not plan["fits"]:
+        auto = memory_plan(cfg, params, args.batch_size, gpus, mem, **perc)
+        fix = (f"--grad_accum {auto['grad_accum']} {'--grad_ckpt' if auto['grad_ckpt'] else '--no-grad_ckpt'}"
+               if auto["fits"] else "--fsdp, more GPUs, a smaller --model or --image_size")
+        die(f"a step needs ~{plan['est_gb']:.0f} GB per GPU ({line[6:]}), more than 85% of {mem:.0f} GB; try {fix}")
+    print(line, flush=True)
+    if args.dry_run:
+        raise SystemExit(0)
+    args.grad_accum, args.grad_ckpt = plan["grad_accum"], plan["grad_ckpt"]
+
+
+def build_loader(ds, args, world, rank, device, micro):
+    """A DataLoader of micro-batches and batches(step): an endless, resumable iterator from global step `step`."""
+    steps_per_epoch = len(ds) // args.batch_size
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+                        pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))
+
+    def batches(step):
+        epoch, skip = divmod(step, steps_per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            sampler.start = skip * args.grad_accum * micro
+            yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
+            epoch, skip = epoch + 1, 0
+    return batches
+
+
+def build_model(cfg, args, world, rank, device, ckpt):
+    """Model (FSDP-sharded or not), AdamW, EMA, Checkpointer, the net the step calls, and the resumed step."""
+    torch.manual_seed(args.seed)                                            # the same init on every rank
+    model = SphereEncoder(cfg).to(device)
+    torch.manual_seed(args.seed + rank)                                     # per-rank noise, flips, dropout
+    model.set_grad_checkpointing(args.grad_ckpt)
+    check_out_dir(args, model.num_params())
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if args.fsdp:                                                           # --compile: per block, then shard
+        shard(model, device, world, compile_blocks=args.compile)
+    # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
+                             {"params": model.decoder.parameters(), "lr_mult": 1.0}], lr=1.0, betas=(0.9, 0.95),
+                            weight_decay=args.weight_decay, fused=device.startswith("cuda"))
+    ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None
+    checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
+    step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
+    net = model
+    if world > 1 and not args.fsdp:                                         # buffers are constants; no grad copy
+        net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False,
+                  gradient_as_bucket_view=True)
+    if args.compile and not args.fsdp:
+        net = torch.compile(net)
+    return model, opt, ema, checkpointer, net, step, bad
+
+
+class StopSignal:
+    """SIGTERM (a cluster's notice: preemption, time limit) or SIGINT (Ctrl-C): the run finishes its step, all
+    ranks write last.pt and exit with PREEMPTED; a second Ctrl-C stops at once. Set before the loader's workers
+    start, which inherit it (and so live until the save)."""
+    def __init__(self):
+        self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def __call__(self, signum, frame):                                     # torchrun forwards Slurm's TERM: twice
+        if self.got == "SIGINT" == signal.Signals(signum).name:
+            raise KeyboardInterrupt
+        self.got = self.got or signal.Signals(signum).name
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+PREEMPTED = 3                                   # exit code: stopped by a signal, last.pt written; resume with --resume
+
+
 @torch.no_grad()
 def save_grids(model, x, args, step, device, n=8):
     """samples_<step>.png: rows = classes (up to 10), Algorithm 1 from fixed noise; recon_<step>.png."""
@@ -142,75 +248,74 @@ def save_grids(model, x, args, step, device, n=8):
     rows = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().long()   # one class a row
     labels = rows.repeat_interleave(n).to(device) if cfg.num_classes else None
     e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
-    imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+        imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
+        recon = model.decode(spherify(model.encode(x[:n]))).float()        # D(f(E(x))): null class, r = 0
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
-    x = x[:n]
-    recon = model.decode(spherify(model.encode(x))).float()                # D(f(E(x))): null class, r = 0
-    save_image(torch.cat([x, recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n)
+    save_image(torch.cat([x[:n], recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n)
     model.train(was_training)
+
+
+class Grids:
+    """The grids' model on rank 0: EMA or the model; under FSDP a full copy, built once on the CPU and loaded from
+    the gathered weights (the checkpoint's gather when both fall on one step), on the GPU while it samples."""
+    def __init__(self, model, ema, cfg, args, master, device):
+        self.model, self.ema, self.cfg, self.args, self.master, self.device = model, ema, cfg, args, master, device
+        if args.fsdp and master:
+            with torch.random.fork_rng(devices=[]):                        # leaves the training noise as it is
+                self.copy = SphereEncoder(cfg)
+
+    def __call__(self, x, step, sd=None):
+        if self.args.fsdp:
+            sd = sd if sd is not None else get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.master:
+                self.copy.load_state_dict(sd)
+                save_grids(self.copy.to(self.device), x, self.args, step, self.device)
+                self.copy.to("cpu")
+        elif self.master:
+            save_grids(self.ema or self.model, x, self.args, step, self.device)
+
+
+def log_line(rec):
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
 
 
 @script
 def main(argv=None):
     args, ckpt = get_args(argv)
     world, rank, device = init_distributed(args.device, args.dist_timeout)
-    if args.fsdp and world == 1:
+    master = rank == 0
+    print0 = lambda *a: master and print(*a, flush=True)
+    if args.fsdp and world == 1 and not args.dry_run:
         die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
+    if not args.dry_run:
+        check_out_dir(args)
+    # --- data (Guarded replaces an unreadable image by the next one and says which), model config, memory plan
+    ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
+                                                                     args.unconditional, args.download)
+    cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
+                                                            **({"num_classes": num_classes} if ds else {}))
+    if ds is not None and cfg.num_classes != num_classes:
+        die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
+    if cfg.image_size % cfg.patch_size:
+        die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
+    plan_memory(args, cfg, world, device)                                   # --dry_run exits here
     if args.batch_size % (world * args.grad_accum):
         die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {world * args.grad_accum}")
-    master, micro = rank == 0, args.batch_size // (world * args.grad_accum)
-    print0 = lambda *a: master and print(*a, flush=True)
-    check_out_dir(args)
-    # --- data: Guarded replaces an unreadable image by the next one and says which it was
-    ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
-    ds = Guarded(ds)
+    micro, ds = args.batch_size // (world * args.grad_accum), Guarded(ds)
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
         die(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}")
     max_steps = args.max_steps if args.max_steps is not None else int(args.epochs * steps_per_epoch)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-                        pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
-                        generator=torch.Generator().manual_seed(args.seed))
-
-    def batches(step):                                                     # endless, resumable
-        epoch, skip = divmod(step, steps_per_epoch)
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.start = skip * args.grad_accum * micro
-            yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
-            epoch, skip = epoch + 1, 0
+    warmup, (lr, min_lr) = int(args.warmup_epochs * steps_per_epoch), lr_range(args)
+    batches = build_loader(ds, args, world, rank, device, micro)
     # --- model, optimizer, EMA, checkpoint
-    cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
-                                                            num_classes=num_classes)
-    if cfg.num_classes != num_classes:
-        die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
-    if cfg.image_size % cfg.patch_size:
-        die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
-    torch.manual_seed(args.seed)                                            # the same init on every rank (FSDP shards it)
-    model = SphereEncoder(cfg).to(device)
-    torch.manual_seed(args.seed + rank)                                     # per-rank noise, flips, dropout
-    model.set_grad_checkpointing(args.grad_ckpt)
-    check_out_dir(args, model.num_params())
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-    if args.fsdp:
-        shard(model, device, world)
-    lr, min_lr = lr_range(args)
-    # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
-                             {"params": model.decoder.parameters(), "lr_mult": 1.0}], lr=lr, betas=(0.9, 0.95),
-                            weight_decay=args.weight_decay, fused=device.startswith("cuda"))
-    ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None
-    checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
-    step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
+    model, opt, ema, checkpointer, net, step, bad = build_model(cfg, args, world, rank, device, ckpt)
     if ckpt:
         print0(f"resumed from {checkpointer.path} at step {step}")
-    net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 and not args.fsdp else model
-    net = torch.compile(net) if args.compile else net
+    del ckpt                                                                # the resumed weights: not kept in RAM
     perceptual = None
     if args.w[1] > 0 or args.w[3] > 0:
         try:
@@ -225,82 +330,92 @@ def main(argv=None):
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
-    # --- the loop
-    data, logged, t0 = batches(step), step, time.time()
+    # --- the loop: one optimizer step = grad_accum micro-batches of Eq. 4-10 on every rank
+    data, logged, t0, saved_at, save_s = batches(step), step, time.time(), time.time(), 0.0
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
     bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
+    grids, signals = Grids(model, ema, cfg, args, master, device), StopSignal()
     model.train()
-    while step < max_steps:
-        lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr_now * group["lr_mult"]
-        for i in range(args.grad_accum):
-            x, y, replaced = next(data)
-            for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):   # each file named once
-                bad.append(j)
-                tqdm.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)  # h-flip (Sec. 3)
-            sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)  # Eq. 5, C.2
-            sync_now = world == 1 or i == args.grad_accum - 1                # reduce grads only on the last micro-batch
-            sync = nullcontext() if sync_now or args.fsdp else net.no_sync()
-            if args.fsdp:
-                model.set_requires_gradient_sync(sync_now)
-            with sync, autocast:
-                z, x_NOISY, x_noisy, z_re = net(x, y if num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
-                losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)          # Eq. 10
-            (losses["total"] / args.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
-        step += 1
-        bar.update(1)
-        if due(args.log_every) or due(args.ckpt_every):                     # the loop's only syncs
+    try:
+        while step < max_steps:
+            lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr_now * group["lr_mult"]
+            for i in range(args.grad_accum):
+                x, y, replaced = next(data)
+                for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):   # each file named once
+                    bad.append(j)
+                    tqdm.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)  # h-flip (Sec. 3)
+                sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)  # Eq. 5, C.2
+                sync_now = world == 1 or i == args.grad_accum - 1            # reduce grads on the last micro-batch
+                sync = nullcontext() if sync_now or args.fsdp else net.no_sync()
+                if args.fsdp:
+                    model.set_requires_gradient_sync(sync_now)
+                with sync, autocast:
+                    z, x_NOISY, x_noisy, z_re = net(x, y if num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
+                    losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)      # Eq. 10
+                (losses["total"] / args.grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
+            step += 1
+            bar.update(1)
+            # the loop's only syncs: at log and checkpoint steps (or a signal, one process) the ranks agree on
+            # a non-finite loss, a timed checkpoint, a stop signal and the unreadable images
+            if not (due(args.log_every) or (args.ckpt_every and due(args.ckpt_every)) or (world == 1 and signals.got)):
+                continue
+            timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)
+            flags = torch.tensor([float(timed_save), float(signals.got is not None)], device=device)
+            flags = torch.cat([bad_step.float().view(1), flags])
             if world > 1:
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 found = [None] * world
                 dist.all_gather_object(found, bad)
                 bad = list(dict.fromkeys(sum(found, [])))
-            if bad_step.item() >= 0:
+            first_bad, timed_save, signalled = flags.tolist()
+            if first_bad >= 0:
                 saved = checkpointer.saved_step
-                stop(f"non-finite loss at step {bad_step.item()}; stopped. The last good checkpoint "
+                stop(f"non-finite loss at step {int(first_bad)}; stopped. The last good checkpoint "
                      f"({'step ' + str(saved) if saved else 'none yet'}) is untouched in {args.out_dir}", code=1)
             if len(bad) > args.max_bad_frac * len(ds):
                 stop(f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} "
                      f"(first: {', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py "
                      f"--check --dataset {args.dataset} --data_dir {args.data_dir}")
-        if due(args.log_every):
-            names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
-            logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
-            if world > 1:
-                dist.all_reduce(logs, op=dist.ReduceOp.AVG)
-            rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr_now,
-                       img_per_s=(step - logged) * args.batch_size / (time.time() - t0), bad_images=len(bad))
-            logged, t0 = step, time.time()
-            if master:
-                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-        if due(args.ckpt_every):
-            try:
-                checkpointer.save(step, bad)
-            except DataError as err:                                        # a full disk: stop, last.pt intact
-                stop(str(err))
-        if due(args.sample_every):
-            plain = ema or model
-            if args.fsdp:                                                   # sample from a gathered copy on rank 0
-                sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if due(args.log_every):
+                names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
+                logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
+                if world > 1:
+                    dist.all_reduce(logs, op=dist.ReduceOp.AVG)
+                rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr_now,
+                           img_per_s=(step - logged) * args.batch_size / (time.time() - t0), bad_images=len(bad))
+                logged, t0 = step, time.time()
                 if master:
-                    plain = SphereEncoder(cfg).to(device)
-                    plain.load_state_dict(sd)
-            if master:
-                save_grids(plain, x, args, step, device)
+                    bar.write(log_line(rec))
+                    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            sd = None
+            if (due(args.ckpt_every) if args.ckpt_every else timed_save or step == max_steps) or signalled:
+                t = time.time()
+                try:
+                    sd = checkpointer.save(step, bad)
+                except DataError as err:                                    # a full disk: stop, last.pt intact
+                    stop(str(err))
+                saved_at, save_s = time.time(), time.time() - t
+            if signalled:
+                stop(f"stopped by {signals.got or 'a signal on another rank'} at step {step}; {checkpointer.path} "
+                     f"written: continue with --resume --out_dir {args.out_dir}", code=PREEMPTED)
+            if due(args.sample_every):
+                grids(x, step, sd)
+    finally:
+        signals.restore()
     bar.close()
     if world > 1 and not args.fsdp:   # safety net: DDP must have kept every replica identical
         flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
