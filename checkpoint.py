@@ -1,4 +1,4 @@
-"""Checkpoints (REFERENCE.md Sec. 5): plain dicts {model, ema?, optimizer, step, config, args, rng, bad_images}
+"""Checkpoints (docs/reference.md Sec. 5): plain dicts {model, ema?, optimizer, step, config, args, rng, bad_images}
 of tensors and builtins, so torch.load(weights_only=True) reads them. Writes are atomic (a kill or a full disk
 leaves the old file whole); a bad file is a one-line DataError naming the cause, never a traceback.
 train.py saves and resumes through Checkpointer; sample.py reads a model with load_model, viz.py and edit.py

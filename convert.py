@@ -1,5 +1,5 @@
 """Convert a checkpoint of the authors' release ({"model", "epoch", "ema_model"?}) into ours. It computes
-model.py's function (REFERENCE.md Sec. 2), so this renames keys and reads the config off the shapes.
+model.py's function (docs/reference.md Sec. 2), so this renames keys and reads the config off the shapes.
     python convert.py sphere-l-imagenet/ep0800.pth out/sphere-l-imagenet/last.pt --ema
     python sample.py --ckpt out/sphere-l-imagenet/last.pt --steps 1,4 --cfg 1.4   # model card settings
 """
@@ -109,7 +109,7 @@ def main(argv=None):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         die(f"{args.src!r} is not a released checkpoint: no {key!r} entry (found {found})")
     cfg, sd = convert(ckpt[key])
-    alpha = args.alpha or (80.0 if cfg.image_size <= 64 else 85.0)     # REFERENCE.md Sec. 3
+    alpha = args.alpha or (80.0 if cfg.image_size <= 64 else 85.0)     # docs/reference.md Sec. 3
     targs = dict(dataset=args.dataset or DATASET_BY_CLASSES.get(cfg.num_classes, "folder"), data_dir=args.data_dir,
                  image_size=cfg.image_size, alpha=alpha, band=min(alpha + 5, 89), converted_from=args.src,
                  epoch=ckpt.get("epoch"), ema=args.ema)

@@ -18,7 +18,7 @@ from spherify import generate, refine, sampling_r, sigma_max, spherify
 
 @torch.no_grad()
 def reconstruct(model, x, y=None):
-    """Eq. 2: D(f(E(x))), with the null class by default (REFERENCE.md Sec. 2), r = 0."""
+    """Eq. 2: D(f(E(x))), with the null class by default (docs/reference.md Sec. 2), r = 0."""
     return model.decode(spherify(model.encode(x, y)), y).float()
 
 

@@ -3,7 +3,7 @@
   Eq. 7   pixel reconstruction  L(D(v_noisy), x)                smooth L1 + perceptual
   Eq. 8   pixel consistency     L(D(v_NOISY), sg(D(v_noisy)))   the same, target under stop-grad
   Eq. 9   latent consistency    1 - cos(v, E(D(v_NOISY)))       target v detached
-  Eq. 10  total = weighted sum of the three (weights per dataset, REFERENCE.md Sec. 4)
+  Eq. 10  total = weighted sum of the three (weights per dataset, docs/reference.md Sec. 4)
 Images in [-1, 1]; the distance sees [0, 1], LPIPS-VGG [-1, 1]. Optionally, as released, perceptual =
 (LPIPS + 0.1 ConvNeXt) / 1.1 with ConvNeXt-Small logits (`--convnext 0.1`). Tested by tests/test_losses.py.
 """
@@ -18,7 +18,7 @@ CONVNEXT_FILE = "convnext_small-0c510722.pth"   # torchvision's ConvNeXt-Small I
 
 @dataclass
 class LossWeights:
-    """Eq. 10's weights; defaults are CIFAR-10's (REFERENCE.md Sec. 4 [released])."""
+    """Eq. 10's weights; defaults are CIFAR-10's (docs/reference.md Sec. 4 [released])."""
     recon_dist: float = 1.0
     recon_perc: float = 1.0
     con_dist: float = 0.5
@@ -54,7 +54,7 @@ def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None)
 
 
 class Perceptual(torch.nn.Module):
-    """Perceptual distance (B,): LPIPS-VGG, or (LPIPS + w MSE of ConvNeXt logits) / (1 + w) (REFERENCE.md Sec. 4)."""
+    """Perceptual distance (B,): LPIPS-VGG, or (LPIPS + w MSE of ConvNeXt logits) / (1 + w) (docs/reference.md Sec. 4)."""
     def __init__(self, lpips, convnext=None, w_convnext=0.0):
         super().__init__()
         self.lpips, self.convnext, self.w = lpips, convnext, w_convnext

@@ -1,4 +1,4 @@
-"""The Sphere Encoder (arXiv 2602.15030, Sec. 2.4 and 3; ../shared/REFERENCE.md Sec. 2): a ViT + MLP-Mixer
+"""The Sphere Encoder (arXiv 2602.15030, Sec. 2.4 and 3; docs/reference.md Sec. 2): a ViT + MLP-Mixer
 encoder onto the sphere and a Mixer + ViT decoder back. Read bottom-up: positions -> attention, SwiGLU ->
 AdaLN-Zero Block -> Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of
 Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
@@ -32,7 +32,7 @@ class Config:
     mlp_ratio: float = 4.0        # SwiGLU hidden = 2/3 * mlp_ratio * width
     mixer_depth: int = 2          # MLP-Mixer layers after the encoder ViT / before the decoder ViT
     num_classes: int = 10         # 0 = unconditional (no class table, no modulation)
-    pixel_head: str = "conv"      # "conv" (32px) or "linear" (256px), REFERENCE.md Sec. 2
+    pixel_head: str = "conv"      # "conv" (32px) or "linear" (256px), docs/reference.md Sec. 2
 
     @property
     def grid(self):               # h = w
@@ -48,7 +48,7 @@ class Config:
 # and on D(v_NOISY), Eq. 9) and took half of it, so a 64 x 1 one buys 1.4x the images a minute (README).
 PAPER_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 SIZES = {"tiny": ((64, 1, 2), (128, 3, 4)), **{k: (t, t) for k, t in PAPER_SIZES.items()}}
-# Latent shape per dataset (REFERENCE.md Sec. 2 table): image, P, d, Mixer depth, head, classes.
+# Latent shape per dataset (docs/reference.md Sec. 2 table): image, P, d, Mixer depth, head, classes.
 LATENTS = {
     # ours: 4x4x128, ratio 1.5. P = 8 (the paper's 256px patch) makes 16 tokens: a CPU step costs 1/3 of
     # P = 4's, so the quick start sees 3x the images; the release pairs P = 8 with the linear head.
@@ -268,7 +268,7 @@ class SphereEncoder(nn.Module):
         self.initialize()
 
     def initialize(self):
-        """Init per REFERENCE.md Sec. 2 [released]; convs get Xavier on their 2-D view (out, in*k*k)."""
+        """Init per docs/reference.md Sec. 2 [released]; convs get Xavier on their 2-D view (out, in*k*k)."""
         xavier_2d = lambda w, gain=1.0: nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=gain)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):

@@ -12,7 +12,7 @@ import torch
 
 
 def spherify(z, eps=1e-6):
-    """Eq. 1: v = f(z) = sqrt(L) z / ||z|| = z / sqrt(mean(z^2) + eps) (REFERENCE.md Sec. 1): (B, ...) -> (B, ...)."""
+    """Eq. 1: v = f(z) = sqrt(L) z / ||z|| = z / sqrt(mean(z^2) + eps) (docs/reference.md Sec. 1): (B, ...) -> (B, ...)."""
     ms = z.pow(2).flatten(1).mean(1)                      # (B,) mean square per sample
     return z * torch.rsqrt(ms + eps).view(-1, *[1] * (z.dim() - 1))
 
@@ -29,7 +29,7 @@ def angle_deg(a, b):
 
 
 def stratified_uniform(n, generator=None, device=None):
-    """n draws in [0, 1]: n - 2 jittered strata plus one 0 and one 1, shuffled (REFERENCE.md Sec. 3, Eq. 5)."""
+    """n draws in [0, 1]: n - 2 jittered strata plus one 0 and one 1, shuffled (docs/reference.md Sec. 3, Eq. 5)."""
     if n < 3:
         return torch.rand(n, generator=generator, device=device)
     jitter = torch.rand(n - 2, generator=generator, device=device)

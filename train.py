@@ -1,5 +1,5 @@
 """Train a Sphere Encoder, one CPU to many GPUs (arXiv 2602.15030): a step is Eq. 4-10; settings per
-Sec. 3, 6, App. C.2, D and REFERENCE.md Sec. 3-5.
+Sec. 3, 6, App. C.2, D and docs/reference.md Sec. 3-5.
     python train.py                                            # tiny model, toy data, CPU, minutes
     python train.py --dataset cifar10 --data_dir data/cifar10  # Sphere-L on CIFAR-10
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /data/imagenet
@@ -31,7 +31,7 @@ from model import SIZES, Config, SphereEncoder, make_config
 from parallel import init_distributed, memory_plan, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 
-# Per-dataset defaults (REFERENCE.md Sec. 2-5). Each entry is overridden by the flag of the same
+# Per-dataset defaults (docs/reference.md Sec. 2-5). Each entry is overridden by the flag of the same
 # name; base_lr (the peak lr at global batch 256, scaled linearly with --batch_size, Sec. 5) by --lr,
 # w (Eq. 10's weights: recon dist, recon perc, con dist, con perc, lat-con) by --weights.
 DATASETS = {
@@ -135,7 +135,7 @@ def lr_range(args):
 
 
 def get_lr(step, peak, warmup, total, min_lr):
-    """Linear warmup, cosine to min_lr at total - warmup, then held (REFERENCE.md Sec. 2 LR [released])."""
+    """Linear warmup, cosine to min_lr at total - warmup, then held (docs/reference.md Sec. 2 LR [released])."""
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
     t = (step - warmup) / max(1, total - 2 * warmup)

@@ -1,7 +1,7 @@
 """convert.py: released-format checkpoints (synthetic: released key names and shapes, random
 values, some Mixer gates as Python floats) become our checkpoints that sample.py reads.
 
-The released layout, written out independently of convert.py's rules (REFERENCE.md Sec. 2 and
+The released layout, written out independently of convert.py's rules (docs/reference.md Sec. 2 and
 issue 12): encoder.x_embedder.{0: patch conv, 1: 1x1 conv}, {net}.blocks.i.*, {net}.ffn.{norm,
 adaLN_modulation.1, linear}, encoder.out = Mixer, decoder.x_embedder.{0: Linear, 1: Mixer}
 (tok_mixer.mix / chn_mixer.mix, alpha1 / alpha2), decoder.out.{2, 4} = pixel-head convs,

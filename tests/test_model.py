@@ -25,7 +25,7 @@ def test_shapes_every_preset_on_meta(size, dataset):
 
 
 def test_paper_parameter_counts():
-    """Model card (REFERENCE.md Sec. 2): Sphere-L 950M on ImageNet, 948M on Flowers, 642M on
+    """Model card (docs/reference.md Sec. 2): Sphere-L 950M on ImageNet, 948M on Flowers, 642M on
     Animal-Faces (uncond); Sphere-XL about 1.39B on ImageNet."""
     def count(size, ds):
         with torch.device("meta"):
@@ -163,7 +163,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_cfg):
 
 
 def test_init_statistics_as_released():
-    """REFERENCE.md Sec. 2 Init: Xavier on conv weights viewed 2-D (out, in*k*k); the decoder's
+    """docs/reference.md Sec. 2 Init: Xavier on conv weights viewed 2-D (out, in*k*k); the decoder's
     whole input stage (Linear(d, width) and every Linear of its Mixer) N(0, 1); the encoder's
     Mixer Xavier; pixel-head convs Xavier with gain 0.01."""
     torch.manual_seed(0)
@@ -188,7 +188,7 @@ def test_init_statistics_as_released():
 
 
 def test_norms_have_learned_affine_and_uncond_has_no_final_norm():
-    """REFERENCE.md Sec. 2 Norms: every RMSNorm has an elementwise affine; an unconditional model
+    """docs/reference.md Sec. 2 Norms: every RMSNorm has an elementwise affine; an unconditional model
     has no norm before the last Linear (the ViT's output goes straight in)."""
     for classes in (10, 0):
         m = SphereEncoder(make_config("tiny", "toy", num_classes=classes))

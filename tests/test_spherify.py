@@ -28,7 +28,7 @@ def test_spherify_hand_value_and_zero():
 
 def test_sigma_max_is_tan_alpha():
     assert sigma_max(45) == pytest.approx(1.0)
-    assert sigma_max(88) == pytest.approx(28.636, abs=1e-3)                     # REFERENCE.md Sec. 3
+    assert sigma_max(88) == pytest.approx(28.636, abs=1e-3)                     # docs/reference.md Sec. 3
     assert sigma_max(80) == pytest.approx(5.671, abs=1e-3)
 
 
@@ -60,7 +60,7 @@ def test_noisy_latents_share_e_and_hand_value():
 
 @pytest.mark.parametrize("alpha, band, top", [(80.0, 85.0, 6.2472), (85.0, 89.0, 16.016)])
 def test_noise_levels_ranges_and_band_rate(alpha, band, top):
-    """App. C.2 as released (REFERENCE.md Sec. 3): 10% of samples from the band, and the one u
+    """App. C.2 as released (docs/reference.md Sec. 3): 10% of samples from the band, and the one u
     that picks the band also places sigma in it, so band sigmas fill only the bottom tenth of
     [tan alpha, tan band]: [5.67, 6.25] at 32px (80-80.9 deg), [11.43, 16.02] at 256px."""
     g = torch.Generator().manual_seed(0)

@@ -148,7 +148,7 @@ def test_empty_image_folder_exits_2(tmp_path):
 
 def test_lr_schedule_as_released():
     """Warmup (step+1)/(warmup+1), cosine reaching min_lr at total - warmup, then flat; min_lr
-    scales with batch/256 like the peak (REFERENCE.md Sec. 2 LR)."""
+    scales with batch/256 like the peak (docs/reference.md Sec. 2 LR)."""
     peak, lo = 1.0, 0.01
     assert train.get_lr(0, peak, 10, 100, lo) == pytest.approx(1 / 11)
     assert train.get_lr(9, peak, 10, 100, lo) == pytest.approx(10 / 11)
