@@ -2,7 +2,9 @@
 Sphere Encoder (arXiv 2602.15030): Sec. 4, Fig. 7 (3D projections, a sphere per class), Eq. 4, 11-12
 (noise angle), App. C.2 (angle mixing), Alg. 1 (trajectory); beyond the paper: uniformity vs the prior.
     python train.py && python viz.py      # reads out/toy/last.pt, writes out/toy/viz/*.png
+    python viz.py --log out/toy/log.jsonl # the run's losses and grad norm: out/toy/loss.png
 """
+import json
 import math
 import os
 
@@ -37,6 +39,7 @@ def uniformity(v, t=2.0):
 
 
 def save(fig, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -107,6 +110,26 @@ def plot_noise(v, trajectory, alpha, band, out):
     save(fig, out)
 
 
+def plot_log(path, out):
+    """A run's health from train.py's log.jsonl: the loss terms and the gradient norm against step, log y."""
+    try:
+        with open(path) as f:
+            recs = [r for r in map(json.loads, filter(str.strip, f)) if isinstance(r, dict) and "step" in r]
+    except (OSError, ValueError) as err:                                    # missing, unreadable, not JSON lines
+        die(f"cannot read --log {path!r}: {getattr(err, 'strerror', None) or err}")
+    if not recs:
+        die(f"--log {path!r} holds no train.py log lines (train.py writes one every --log_every steps)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, keys, title in ((axes[0], ("loss", "recon", "pix_con", "lat_con"), "loss terms"),
+                            (axes[1], ("grad_norm",), "gradient norm (before clipping)")):
+        for k in keys:
+            ax.plot([r["step"] for r in recs], [r.get(k, math.nan) for r in recs], label=k)
+        ax.set(xlabel="step", yscale="log", title=title)
+        ax.legend(fontsize=8)
+    save(fig, out)
+    print(f"wrote {out} (steps {recs[0]['step']}..{recs[-1]['step']}, {len(recs)} log lines)")
+
+
 def plot_uniformity(L, stats, out):
     """Pairwise cosines (x sqrt(L)) of encoded latents against the prior's, with the numbers."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -128,13 +151,15 @@ def main(argv=None):
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--n", type=at_least(2), default=1000, help="images to encode (and prior points)")
     p.add_argument("--steps", type=at_least(1), default=6, help="Algorithm 1 steps for the trajectory")
-    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz)")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz; --log: the log's folder)")
+    p.add_argument("--log", default=None, help="instead, plot a train.py log.jsonl: losses, grad norm (loss.png)")
     args = p.parse_args(argv)
+    if args.log:                                                            # no checkpoint needed
+        return plot_log(args.log, os.path.join(args.out or os.path.dirname(os.path.abspath(args.log)), "loss.png"))
     if not os.path.isfile(args.ckpt):
         die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
     model, targs, ds = load_model_and_data(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
-    os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     vs, ys = [], []                                                         # v = f(E(x, y)) of n random images (Eq. 1)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.n].tolist()
@@ -149,8 +174,7 @@ def main(argv=None):
     for name, s in stats.items():
         print(f"{name:>8}: uniformity {s['uniformity']:.3f} (uniform ~ -4) | pairwise cos mean {s['cos_mean']:+.4f}, "
               f"std x sqrt(L) {s['cos_std']:.2f} (uniform ~ 1) | effective dimensions {s['eff_dim']:.1f}")
-    cfg, k = model.cfg, 6
-    trajectory = []
+    cfg, k, trajectory = model.cfg, 6, []
     e = torch.randn(k, cfg.grid, cfg.grid, cfg.latent_dim, device=args.device)
     labels = torch.arange(k, device=args.device) % cfg.num_classes if cfg.num_classes else None
     generate(model, e, labels, args.steps, sigma_max(targs["alpha"]), trace=trajectory)

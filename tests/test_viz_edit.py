@@ -92,6 +92,26 @@ def test_viz_without_checkpoint_says_what_to_run(tmp_path):
     assert r.returncode == 2 and "run `python train.py` first" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_viz_log_plots_a_training_log_without_a_checkpoint(tmp_path, capsys):
+    import json
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    recs = [dict(step=s, loss=2 / s ** 0.5, recon=1 / s ** 0.5, pix_con=0.5, lat_con=0.1 / s, grad_norm=3 - s / 50,
+                 lr=1e-4, img_per_s=900.0, bad_images=0) for s in range(10, 110, 10)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    viz.main(["--log", str(log), "--ckpt", str(tmp_path / "none.pt")])    # the checkpoint is not read
+    im = Image.open(tmp_path / "run" / "loss.png")
+    im.verify()
+    assert im.size[0] > 600 and im.size[1] > 200 and "steps 10..100, 10 log lines" in capsys.readouterr().out
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for path, words in ((tmp_path / "none.jsonl", "No such file"), (tmp_path / "empty.jsonl", "holds no train.py")):
+        with pytest.raises(SystemExit) as exc:
+            viz.main(["--log", str(path), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_edit_uses_the_ema_weights_unless_raw_weights(model, tmp_path):
     from dataclasses import asdict
     sd = model.state_dict()
