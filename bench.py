@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import at_least, die, parser, script
+from data import COUNT, die, parser, script
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import LATENTS, SIZES, SphereEncoder, make_config
 from parallel import init_distributed, shard
@@ -106,8 +106,8 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--model", default="tiny", choices=list(SIZES))
     p.add_argument("--dataset", default="toy", choices=list(LATENTS), help="the latent shape")
-    p.add_argument("--batch_size", type=at_least(1), default=16)
-    p.add_argument("--iters", type=at_least(1), default=5)
+    p.add_argument("--batch_size", type=COUNT, default=16)
+    p.add_argument("--iters", type=COUNT, default=5)
     p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")

@@ -9,10 +9,11 @@ manipulation).
 import os
 
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
 from checkpoint import load_model_and_data
-from data import at_least, die, int_list, parser, script
+from data import COUNT, PROB, STEPS, WEIGHT, die, int_list, number, parser, script
 from spherify import generate, refine, sampling_r, sigma_max, spherify
 
 
@@ -63,13 +64,15 @@ def main(argv=None):
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
-    p.add_argument("--target", type=at_least(0), default=None, help="the class (required for manipulate)")
-    p.add_argument("--steps", type=at_least(1), default=None, help="rounds (crossover 10, manipulate 4)")
-    p.add_argument("--r", type=at_least(0.0, float), default=None, help="noise strength (crossover 0.25, manipulate 1)")
-    p.add_argument("--gamma", type=at_least(0.0, float), default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=STEPS, default=None, help="the class (required for manipulate)")
+    p.add_argument("--steps", type=COUNT, default=None, help="rounds (crossover 10, manipulate 4)")
+    p.add_argument("--r", type=PROB, default=None, help="noise sigma = r sigma_max (crossover 0.25, manipulate 1)")
+    p.add_argument("--gamma", type=WEIGHT, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
+    p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)
     p.add_argument("--out", default=None, help="PNG (default: <ckpt dir>/<command>.png)")
     args = p.parse_args(argv)
+    if Image.registered_extensions().get(os.path.splitext(args.out or "x.png")[1].lower()) not in Image.SAVE:
+        die(f"argument --out: must be an image file name like edit.png, got {args.out!r}")
     idx = args.images or []
     model, targs, ds = load_model_and_data(args)
     if any(not 0 <= i < len(ds) for i in idx):

@@ -19,7 +19,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from checkpoint import load_model
-from data import DataError, ToyShapes, at_least, build_dataset, die, int_list, parser, script, toy_classifier
+from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, script,
+                  toy_classifier)
 from parallel import init_distributed
 from spherify import generate, sigma_max, spherify
 
@@ -143,15 +144,15 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
-    p.add_argument("--num_samples", "--n", dest="n", type=at_least(1), help="default: 8 per class, or 64")
+    p.add_argument("--num_samples", "--n", dest="n", type=COUNT, help="default: 8 per class, or 64")
     p.add_argument("--classes", type=int_list, default="all", help="'all' or a list like 3,5 (balanced over them)")
-    p.add_argument("--cfg", type=at_least(1.0, float), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
+    p.add_argument("--cfg", type=number(1.0), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
     p.add_argument("--cfg_position", default="combo", choices=["pixel", "latent", "combo"])
-    p.add_argument("--gamma", type=float, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
+    p.add_argument("--gamma", type=WEIGHT, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
     p.add_argument("--noise", default="shared", choices=["shared", "independent"])
-    p.add_argument("--alpha", type=float, default=None, help="noise angle (default: the training alpha)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=at_least(1), default=64)
+    p.add_argument("--alpha", type=ANGLE, default=None, help="noise angle, degrees (default: the training alpha)")
+    p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)
+    p.add_argument("--batch_size", type=COUNT, default=64)
     p.add_argument("--out", default=None, help="grid PNG (default: <ckpt dir>/samples_<steps>.png)")
     p.add_argument("--per_step", action="store_true", help="also save a grid of every step's images")
     p.add_argument("--out_dir", default=None, help="also save each sample as a PNG here")
@@ -164,9 +165,12 @@ def main(argv=None):
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
     args = p.parse_args(argv)
-    steps_list = args.steps or [0]
-    if min(steps_list) < 1:
-        die(f"--steps must be >= 1, got {','.join(map(str, steps_list))}")
+    if min(args.steps or [0]) < 1:
+        die(f"argument --steps: must be integers >= 1 like 1,2,4, got {','.join(map(str, args.steps or ['all']))}")
+    if Image.registered_extensions().get(os.path.splitext(args.out or "x.png")[1].lower()) not in Image.SAVE:
+        die(f"argument --out: must be an image file name like grid.png, got {args.out!r}")
+    if args.inception_weights and not os.path.isfile(args.inception_weights):   # before sampling, not after
+        die(f"argument --inception_weights: no file {args.inception_weights!r}")
     world, rank, device = init_distributed(args.device, args.dist_timeout)
     model, train_args = load_model(args.ckpt, device, ema=not args.raw_weights)
     cfg = model.cfg
@@ -186,7 +190,7 @@ def main(argv=None):
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
     results = []                                                            # rank 0: (steps, uint8 (n, C, H, W), first)
-    for steps in steps_list:
+    for steps in args.steps:
         # torchrun: batches dealt round-robin, gathered on rank 0; batch i seeded by (seed, i) on any world size
         mine, first = [], None
         for i in tqdm(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
@@ -219,7 +223,7 @@ def main(argv=None):
     y = torch.full((n,), -1) if labels is None else labels
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     for steps, u8, first in results:
-        suffix = f"_{steps}step" if len(steps_list) > 1 else ""
+        suffix = f"_{steps}step" if len(args.steps) > 1 else ""
         by_class = cfg.num_classes and len(classes) <= 32 and n <= 512
         save_image(u8[:512] / 255, root + suffix + ext, nrow=max(1, n // len(classes)) if by_class else 16)
         print(f"wrote {root}{suffix}{ext} ({n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import ROOT
 from data import DataError, default_workers, folder_settings, progress
 
+INT, NUM, CK = "must be an integer", "must be a number", ["--ckpt", "{out}/none.pt"]  # CK: never read
 ROWS = [  # script, arguments ({out}: where it would write), the error's words, as a subprocess (else main(argv))
     ("data.py", ["--check", "--image_size", "0"], "argument --image_size: must be an integer >= 1, got '0'", True),
     ("data.py", ["--check", "--image_size", "1.5"], "argument --image_size: must be an integer >= 1, got '1.5'", True),
@@ -20,6 +21,33 @@ ROWS = [  # script, arguments ({out}: where it would write), the error's words, 
     ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "nan"], "argument --alpha: must be a number in (0, 90)", False),
     ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "inf"], "argument --alpha: must be a number in (0, 90)", False),
     ("convert.py", ["r.pth", "{out}/last.pt", "--alpha", "x"], "argument --alpha: must be a number in (0, 90), got 'x'", False),
+    ("sample.py", [*CK, "--alpha", "90"], "argument --alpha: must be a number in (0, 90), got '90'", True),
+    ("sample.py", [*CK, "--steps", "1,0"], "argument --steps: must be integers >= 1 like 1,2,4, got 1,0", False),
+    ("sample.py", [*CK, "--steps", "all"], "argument --steps: must be integers >= 1 like 1,2,4, got all", False),
+    ("sample.py", [*CK, "--steps", "2.5"], "argument --steps: must be integers like 1,2,4 (or 'all'), got '2.5'", False),
+    ("sample.py", [*CK, "--n", "0"], f"argument --num_samples/--n: {INT} >= 1, got '0'", False),
+    ("sample.py", [*CK, "--classes", "a"], "argument --classes: must be integers like 1,2,4 (or 'all'), got 'a'", False),
+    ("sample.py", [*CK, "--cfg", "0.5"], f"argument --cfg: {NUM} >= 1.0, got '0.5'", False),
+    ("sample.py", [*CK, "--gamma", "-1"], f"argument --gamma: {NUM} >= 0, got '-1'", False),
+    ("sample.py", [*CK, "--seed", "-1"], f"argument --seed: {INT} in [0, 4294967295], got '-1'", False),
+    ("sample.py", [*CK, "--batch_size", "0"], f"argument --batch_size: {INT} >= 1, got '0'", False),
+    ("sample.py", [*CK, "--dist_timeout", "0"], f"argument --dist_timeout: {INT} >= 1, got '0'", False),
+    ("sample.py", [*CK, "--out", "{out}/grid"], "argument --out: must be an image file name like grid.png", False),
+    ("sample.py", [*CK, "--inception_weights", "{out}/w.pth"], "argument --inception_weights: no file", False),
+    ("viz.py", ["--n", "1"], f"argument --n: {INT} >= 2, got '1'", False),
+    ("viz.py", ["--steps", "0"], f"argument --steps: {INT} >= 1, got '0'", False),
+    ("viz.py", ["--dist_timeout", "-5"], f"argument --dist_timeout: {INT} >= 1, got '-5'", False),
+    ("edit.py", ["grid", "--target", "-1"], f"argument --target: {INT} >= 0, got '-1'", False),
+    ("edit.py", ["grid", "--images", "0,x"], "argument --images: must be integers like 1,2,4", False),
+    ("edit.py", ["crossover", "--steps", "0"], f"argument --steps: {INT} >= 1, got '0'", False),
+    ("edit.py", ["crossover", "--r", "1.5"], f"argument --r: {NUM} in [0, 1], got '1.5'", False),
+    ("edit.py", ["crossover", "--gamma", "-0.5"], f"argument --gamma: {NUM} >= 0, got '-0.5'", False),
+    ("edit.py", ["grid", "--seed", "4294967296"], f"argument --seed: {INT} in [0, 4294967295], got '4294967296'", False),
+    ("edit.py", ["recon", "--out", "{out}/r.txt"], "argument --out: must be an image file name like edit.png", False),
+    ("edit.py", ["recon", "--dist_timeout", "1e3"], f"argument --dist_timeout: {INT} >= 1, got '1e3'", False),
+    ("bench.py", ["--batch_size", "0"], f"argument --batch_size: {INT} >= 1, got '0'", False),
+    ("bench.py", ["--iters", "-1"], f"argument --iters: {INT} >= 1, got '-1'", False),
+    ("bench.py", ["--dist_timeout", "0"], f"argument --dist_timeout: {INT} >= 1, got '0'", False),
 ]
 
 
