@@ -16,11 +16,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from checkpoint import load_model
-from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, script,
-                  toy_classifier)
+from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, progress,
+                  script, toy_classifier)
 from parallel import init_distributed
 from spherify import generate, sigma_max, spherify
 
@@ -193,7 +192,7 @@ def main(argv=None):
     for steps in args.steps:
         # torchrun: batches dealt round-robin, gathered on rank 0; batch i seeded by (seed, i) on any world size
         mine, first = [], None
-        for i in tqdm(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
+        for i in progress(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)
             b = min(args.batch_size, n - i)
             e = torch.randn(b, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
