@@ -22,10 +22,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from checkpoint import Checkpointer, check_out_dir, load_checkpoint
-from data import DataError, Guarded, at_least, build_dataset, die, parser, script
+from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, DataError, Guarded, build_dataset,
+                  default_workers, die, folder_settings, parser, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
 from parallel import init_distributed, memory_plan, shard
@@ -40,67 +40,80 @@ DATASETS = {
     "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=16, warmup_epochs=0.25, batch_size=32,
                      base_lr=8e-2, w=(50.0, 0.0, 25.0, 0.0, 1.0), num_workers=0),
     "cifar10":  dict(model="L", image_size=32, alpha=80, band=85, epochs=5000, warmup_epochs=10, batch_size=256,
-                     base_lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1), num_workers=4),
+                     base_lr=1e-4, w=(1.0, 1.0, 0.5, 0.5, 0.1)),
     "imagenet": dict(model="L", image_size=256, alpha=85, band=89, epochs=800, warmup_epochs=5, batch_size=256,
-                     base_lr=1e-4, w=(50.0, 1.0, 25.0, 1.0, 0.1), num_workers=8),
+                     base_lr=1e-4, w=(50.0, 1.0, 25.0, 1.0, 0.1)),
     "flowers":  dict(model="L", image_size=256, alpha=85, band=89, epochs=1000, warmup_epochs=10, batch_size=256,
-                     base_lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1), num_workers=8),
+                     base_lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1)),
 }
-DATASETS["folder"] = DATASETS["flowers"]   # any ImageFolder tree: Flowers' 256px settings; <= 64px: --alpha 80 --band 85
+def folder_defaults(args):
+    """--dataset folder: the paper's settings for the images' size (<= 64px: CIFAR-10's, else Flowers'), read off
+    a few of them; one line says which. Flags given win."""
+    found = folder_settings(args.data_dir)
+    size = found["image_size"]
+    like = "cifar10" if size <= 64 else "flowers"
+    size = (32 if size <= 48 else 64) if like == "cifar10" else (128 if size < 192 else 256)
+    defaults = {**DATASETS[like], "image_size": size}
+    print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{found['image_size']}px -> "
+          f"{'CIFAR-10' if like == 'cifar10' else 'Flowers'}'s settings at {size}px: " + ", ".join(
+              f"--{k} {defaults[k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
+              if getattr(args, k) is None) + " (each a flag)", flush=True)
+    return defaults
 
 
 def get_args(argv=None):
     p = parser(__doc__)
-    pos, count, real = at_least(1), at_least(0), at_least(0.0, float)
-    p.add_argument("--dataset", default=None, choices=list(DATASETS), help="default: toy (or the checkpoint's)")
+    p.add_argument("--dataset", default=None, choices=[*DATASETS, "folder"], help="default: toy (or the checkpoint's)")
     p.add_argument("--data_dir", default=None, help="dataset root (not needed for toy)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/flowers")
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
     p.add_argument("--model", default=None, choices=list(SIZES), help="size (default per dataset)")
-    p.add_argument("--image_size", type=pos, default=None)
-    p.add_argument("--alpha", type=float, default=None, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
-    p.add_argument("--band", type=float, default=None, help="top of the mixing band (deg, App. C.2); <= alpha: off")
-    p.add_argument("--p_band", type=float, default=0.1, help="probability of a band draw (App. C.2)")
-    p.add_argument("--epochs", type=real, default=None)
-    p.add_argument("--max_steps", type=count, default=None, help="optimizer steps; overrides --epochs")
-    p.add_argument("--warmup_epochs", type=real, default=None)
-    p.add_argument("--batch_size", type=pos, default=None, help="global batch over all GPUs and accumulation")
-    p.add_argument("--grad_accum", type=pos, default=None, help="micro-batches per step on each GPU (default: "
+    p.add_argument("--image_size", type=COUNT, default=None)
+    p.add_argument("--alpha", type=ANGLE, default=None, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
+    p.add_argument("--band", type=ANGLE, default=None, help="top of the mixing band (deg, App. C.2), >= alpha; "
+                   "= alpha: off")
+    p.add_argument("--p_band", type=PROB, default=0.1, help="probability of a band draw (App. C.2)")
+    p.add_argument("--epochs", type=POSITIVE, default=None)
+    p.add_argument("--max_steps", type=STEPS, default=None, help="optimizer steps; overrides --epochs")
+    p.add_argument("--warmup_epochs", type=WEIGHT, default=None, help="linear warmup, < --epochs")
+    p.add_argument("--batch_size", type=COUNT, default=None, help="global batch over all GPUs and accumulation")
+    p.add_argument("--grad_accum", type=COUNT, default=None, help="micro-batches per step on each GPU (default: "
                    "the memory plan on GPU, 1 on CPU)")
-    p.add_argument("--lr", type=real, default=None, help="peak decoder lr (default: table lr x batch/256)")
-    p.add_argument("--min_lr", type=real, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
-    p.add_argument("--enc_lr_mult", type=real, default=0.1, help="encoder lr = this x decoder lr [released]")
-    p.add_argument("--weight_decay", type=real, default=0.0)
-    p.add_argument("--clip", type=real, default=1.0, help="gradient-norm clip")
-    p.add_argument("--p_drop", type=float, default=0.1, help="label dropout to the null class (Sec. 2.4)")
-    p.add_argument("--weights", type=real, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, lat-con")
-    p.add_argument("--perceptual_weight", type=real, default=None, help="set both perceptual weights (0 = no LPIPS)")
-    p.add_argument("--convnext", type=real, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
-    p.add_argument("--ema", type=real, default=0.0, help="EMA decay, e.g. 0.9997; 0 = off (App. D)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="peak decoder lr (default: table lr x batch/256)")
+    p.add_argument("--min_lr", type=WEIGHT, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
+    p.add_argument("--enc_lr_mult", type=WEIGHT, default=0.1, help="encoder lr = this x decoder lr [released]")
+    p.add_argument("--weight_decay", type=WEIGHT, default=0.0)
+    p.add_argument("--clip", type=POSITIVE, default=1.0, help="gradient-norm clip")
+    p.add_argument("--p_drop", type=PROB, default=0.1, help="label dropout to the null class (Sec. 2.4)")
+    p.add_argument("--weights", type=WEIGHT, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, "
+                   "lat-con (>= 0, not all 0)")
+    p.add_argument("--perceptual_weight", type=WEIGHT, default=None, help="set both perceptual weights (0 = no LPIPS)")
+    p.add_argument("--convnext", type=WEIGHT, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
+    p.add_argument("--ema", type=DECAY, default=0.0, help="EMA decay in [0, 1), e.g. 0.9997; 0 = off (App. D)")
     p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=count, default=None)
-    p.add_argument("--max_bad_frac", type=real, default=0.001, help="stop past this fraction unreadable")
-    p.add_argument("--log_every", type=pos, default=50)
-    p.add_argument("--ckpt_every", type=pos, default=None, help="write last.pt every N steps (default: by time, "
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds a run")
+    p.add_argument("--seed", type=STEPS, default=0)
+    p.add_argument("--num_workers", type=STEPS, default=None, help="loader processes (default: from the CPUs)")
+    p.add_argument("--max_bad_frac", type=PROB, default=0.001, help="stop past this fraction unreadable")
+    p.add_argument("--log_every", type=COUNT, default=50)
+    p.add_argument("--ckpt_every", type=COUNT, default=None, help="write last.pt every N steps (default: by time, "
                    "every max(60 s, 100 x the last save's time): <= 1%% of the run spent saving)")
-    p.add_argument("--keep_every", type=count, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
-    p.add_argument("--sample_every", type=pos, default=500, help="sample and reconstruction grids every N steps")
-    p.add_argument("--sample_steps", type=pos, default=4, help="Algorithm 1 steps for the grids")
+    p.add_argument("--keep_every", type=STEPS, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
+    p.add_argument("--sample_every", type=COUNT, default=500, help="sample and reconstruction grids every N steps")
+    p.add_argument("--sample_steps", type=COUNT, default=4, help="Algorithm 1 steps for the grids")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing per block (default: the memory plan on GPU, off on CPU)")
     p.add_argument("--dry_run", action="store_true", help="print the per-GPU memory plan and exit")
-    p.add_argument("--gpus", type=pos, default=None, help="GPUs to plan for (default: the processes launched)")
-    p.add_argument("--gpu_mem", type=at_least(1.0, float), default=None, help="GB per GPU to plan for "
+    p.add_argument("--gpus", type=COUNT, default=None, help="GPUs to plan for (default: the processes launched)")
+    p.add_argument("--gpu_mem", type=POSITIVE, default=None, help="GB per GPU to plan for "
                    "(default: the GPU's; --dry_run without one: 80)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
-    ckpt = None
+    path, ckpt = os.path.join(args.out_dir, "last.pt"), None
     if args.resume:                    # what the flags leave unset comes from the checkpoint; a conflict stops
-        path = os.path.join(args.out_dir, "last.pt")
         if not os.path.exists(path):
             die(f"--resume, but there is no {path} to resume from (drop --resume to start a new run)")
         ckpt = load_checkpoint(path)
@@ -110,13 +123,25 @@ def get_args(argv=None):
                 die(f"--{k} {given} conflicts with --resume: {path} was trained with --{k} {saved} "
                     f"(drop the flag, or use another --out_dir)")
             setattr(args, k, saved if given is None else given)
+    elif os.path.exists(path) and not (args.overwrite or args.dry_run):   # a second run never eats the first
+        die(f"{args.out_dir} already holds a run (last.pt at step {load_checkpoint(path)['step']}): continue it "
+            f"with --resume, or start a new one with another --out_dir (--overwrite replaces it)")
     args.dataset = args.dataset or "toy"
-    for k, v in DATASETS[args.dataset].items():                             # fill per-dataset defaults
+    defaults = folder_defaults(args) if args.dataset == "folder" and args.data_dir else DATASETS.get(args.dataset,
+                                                                                                    DATASETS["flowers"])
+    for k, v in defaults.items():                                           # fill per-dataset defaults
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.num_workers = default_workers() if args.num_workers is None else args.num_workers
     if args.perceptual_weight is not None:
         args.w = [args.w[0], args.perceptual_weight, args.w[2], args.perceptual_weight, args.w[4]]
     args.w = list(args.weights or args.w)
+    if args.band < args.alpha:
+        p.error(f"--band {args.band} is below --alpha {args.alpha}: the band lies above alpha (= alpha: no band)")
+    if args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup_epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
+    if not any(args.w):
+        p.error("--weights are all 0: nothing to train")
     return args, ckpt
 
 
@@ -292,6 +317,8 @@ def main(argv=None):
         die("--ema is not supported with --fsdp")
     if not args.dry_run:
         check_out_dir(args)
+        if master and not args.resume and os.path.exists(log := os.path.join(args.out_dir, "log.jsonl")):
+            os.remove(log)                                                  # a new run starts a new log
     # --- data (Guarded replaces an unreadable image by the next one and says which), model config, memory plan
     ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
                                                                      args.unconditional, args.download)
@@ -333,7 +360,7 @@ def main(argv=None):
     # --- the loop: one optimizer step = grad_accum micro-batches of Eq. 4-10 on every rank
     data, logged, t0, saved_at, save_s = batches(step), step, time.time(), time.time(), 0.0
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
-    bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
     grids, signals = Grids(model, ema, cfg, args, master, device), StopSignal()
@@ -347,7 +374,7 @@ def main(argv=None):
                 x, y, replaced = next(data)
                 for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):   # each file named once
                     bad.append(j)
-                    tqdm.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
+                    bar.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)  # h-flip (Sec. 3)
                 sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)  # Eq. 5, C.2

@@ -117,6 +117,41 @@ def test_killed_at_random_moments_resumes_bit_identical(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_sigterm_saves_exits_3_and_resume_is_bit_identical(tmp_path):
+    """A cluster's SIGTERM (preemption, time limit) mid-run: the step finishes, last.pt is written, exit 3;
+    --resume then ends where an uninterrupted run does, bit for bit."""
+    args = ["train.py", *FAST, "--max_steps", "30", "--log_every", "1", "--ckpt_every", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "stopped")
+    p = subprocess.Popen([sys.executable, *args, "--out_dir", out], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    log, t = os.path.join(out, "log.jsonl"), time.time()
+    logged = lambda: len(open(log).readlines()) if os.path.exists(log) else 0
+    while p.poll() is None and time.time() - t < 120 and logged() < 3:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == train.PREEMPTED
+    step = checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["step"]
+    assert 3 <= step < 30 and f"stopped by SIGTERM at step {step}" in p.stderr.read()
+    for cmd in ([*args, "--out_dir", out, "--resume"], [*args, "--out_dir", ref]):
+        assert subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, env=env).returncode == 0
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (ref, out))
+    assert a["step"] == b["step"] == 30 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_second_run_never_replaces_the_first(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--max_steps", "2", "--out_dir", out])
+    before = os.stat(os.path.join(out, "last.pt")).st_mtime_ns
+    with pytest.raises(SystemExit) as exc:
+        train.main(FAST + ["--max_steps", "4", "--out_dir", out])
+    err = one_line_error(capsys, exc)
+    assert "already holds a run (last.pt at step 2)" in err and "--resume" in err and "--out_dir" in err
+    assert os.stat(os.path.join(out, "last.pt")).st_mtime_ns == before
+    train.main(FAST + ["--max_steps", "4", "--out_dir", out, "--overwrite"])
+    assert checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 4
+
+
 def test_unwritable_out_dir_stops_before_the_first_step(tmp_path):
     """A read-only folder (chmod 555). Root ignores chmod, so as root the run drops to user nobody."""
     locked = tmp_path / "locked"

@@ -123,7 +123,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     (["--model", "Q"], "argument --model: invalid choice: 'Q' (choose from"),
     (["--image_size", "-3"], "argument --image_size: must be an integer >= 1"),
     (["--max_steps", "ten"], "argument --max_steps: must be an integer >= 0, got 'ten'"),
-    (["--epochs", "nan"], "argument --epochs: must be a number >= 0.0"),
+    (["--epochs", "nan"], "argument --epochs: must be a number > 0"),
     (["--batch_size", "6", "--grad_accum", "4"], "multiple of"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
@@ -143,7 +143,7 @@ def test_corrupt_checkpoint_exits_2(tmp_path):
 def test_empty_image_folder_exits_2(tmp_path):
     (tmp_path / "cls_a").mkdir()
     r = run("train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32")
-    assert r.returncode == 2 and "no images found" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "not a folder of class subfolders of images" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_lr_schedule_as_released():
