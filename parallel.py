@@ -12,7 +12,7 @@ from data import DataError
 
 
 def init_distributed(device, timeout_s=7200):
-    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE -> (world, rank, device); TF32 on. `cuda` means this
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE -> (world, rank, device), a process group under torchrun; TF32 on. `cuda` means this
     process's GPU (cuda:LOCAL_RANK); an explicit cuda:N is kept in a single process. timeout_s bounds
     how long a rank waits in a collective (NCCL's default, 10 min, is shorter than rank 0's slow writes)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
@@ -25,7 +25,7 @@ def init_distributed(device, timeout_s=7200):
             raise DataError(f"--device {device}, but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
+    if "WORLD_SIZE" in os.environ:                                          # torchrun, even of one process
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return world, rank, device

@@ -236,7 +236,7 @@ def build_model(cfg, args, world, rank, device, ckpt):
     checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
     step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
     net = model
-    if world > 1 and not args.fsdp:                                         # buffers are constants; no grad copy
+    if dist.is_initialized() and not args.fsdp:                             # buffers are constants; no grad copy
         net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False,
                   gradient_as_bucket_view=True)
     if args.compile and not args.fsdp:
@@ -311,8 +311,8 @@ def main(argv=None):
     world, rank, device = init_distributed(args.device, args.dist_timeout)
     master = rank == 0
     print0 = lambda *a: master and print(*a, flush=True)
-    if args.fsdp and world == 1 and not args.dry_run:
-        die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    if args.fsdp and not dist.is_initialized() and not args.dry_run:
+        die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N")
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
     if not args.dry_run:
@@ -402,7 +402,7 @@ def main(argv=None):
             timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)
             flags = torch.tensor([float(timed_save), float(signals.got is not None)], device=device)
             flags = torch.cat([bad_step.float().view(1), flags])
-            if world > 1:
+            if dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 found = [None] * world
                 dist.all_gather_object(found, bad)
@@ -419,7 +419,7 @@ def main(argv=None):
             if due(args.log_every):
                 names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
                 logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
-                if world > 1:
+                if dist.is_initialized():
                     dist.all_reduce(logs, op=dist.ReduceOp.AVG)
                 rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr_now,
                            img_per_s=(step - logged) * args.batch_size / (time.time() - t0), bad_images=len(bad))
@@ -444,13 +444,13 @@ def main(argv=None):
     finally:
         signals.restore()
     bar.close()
-    if world > 1 and not args.fsdp:   # safety net: DDP must have kept every replica identical
+    if dist.is_initialized() and not args.fsdp:   # safety net: DDP must have kept every replica identical
         flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
         dist.broadcast(ref := flat.clone(), 0)
         same = torch.tensor(float(torch.equal(ref, flat)), device=device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
