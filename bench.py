@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,7 +21,8 @@ from model import LATENTS, SIZES, SphereEncoder, make_config
 from parallel import init_distributed, shard
 from spherify import generate, noise_levels
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16 tensor-core FLOP/s
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "GB200": 2500e12, "B200": 2250e12, "A100": 312e12}   # dense bf16 FLOP/s; the first name found wins
 
 
 def timed(fn, device, iters):
@@ -36,20 +38,18 @@ def timed(fn, device, iters):
 
 
 def bench(args, compile_model, world, dev):
-    cfg = make_config(args.model, args.dataset)
+    cfg, cuda = make_config(args.model, args.dataset), dev.startswith("cuda")
     torch.manual_seed(0)
     model = SphereEncoder(cfg).to(dev)
     model.set_grad_checkpointing(args.grad_ckpt)
-    if args.fsdp:
-        shard(model, dev, world)
-    if compile_model:                                               # in place: encode/decode are not forward()
-        model.encoder.compile(), model.decoder.compile()
-    net = model
-    if world > 1 and not args.fsdp:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith("cuda") else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
+    if args.fsdp:                                                   # as train.py: FSDP compiles each block before
+        shard(model, dev, world, compile_blocks=compile_model)     # sharding; else the whole net (DDP: its forward)
+    net = model if world == 1 or args.fsdp else DDP(   # as train.py: buffers are constants, grads are bucket views
+        model, device_ids=[dev] if cuda else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+    net = torch.compile(net) if compile_model and not args.fsdp else net
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     perceptual = load_perceptual(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
-    autocast = torch.autocast("cuda", torch.bfloat16) if dev.startswith("cuda") else nullcontext()
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
     B = args.batch_size
     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
     y = torch.randint(0, cfg.num_classes, (B,), device=dev) if cfg.num_classes else None
@@ -63,14 +63,14 @@ def bench(args, compile_model, world, dev):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if dev.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_step = timed(step, dev, args.iters)
     f = model.flops_per_image()
     r = dict(t_step=t_step, img_s=world * B / t_step, flops_est=3 * (2 * f["encoder"] + 2 * f["decoder"]),
-             mem=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.startswith("cuda") else float("nan"),
+             mem=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"),
              params=model.num_params())                                 # DTensor numel is the global size
-    if world > 1:                                                   # distributed: the step is what we measure
+    if world > 1 or compile_model:     # the step is what we measure; the split, FLOPs, sampling: eager, once
         return r
 
     def fwd_bwd(fn):                                                # where the time goes: each part alone, fwd + bwd
@@ -109,7 +109,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=COUNT, default=16)
     p.add_argument("--iters", type=COUNT, default=5)
     p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile, next to eager")
+    p.add_argument("--compile", action="store_true", help="also the train step compiled as train.py --compile")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     args = p.parse_args(argv)
@@ -134,7 +134,7 @@ def main(argv=None):
         print0(f"  train: {r['img_s']:.1f} img/s, step {r['t_step'] * 1e3:.1f} ms, peak memory {mem}")
         print0(f"  achieved {tflops / 1e12:.3f} TFLOP/s | MFU vs measured matmul {tflops / (world * measured):.1%}"
                + (f" | MFU vs bf16 peak {tflops / (world * known):.1%}" if known else ""))
-        if world > 1:
+        if world > 1 or mode == "compile":
             continue
         print(f"  FLOPs/img (train step): estimate {r['flops_est'] / 1e9:.2f} G, counted {r['flops_counted'] / 1e9:.2f} G "
               f"(ratio {r['flops_est'] / max(r['flops_counted'], 1):.3f})")
