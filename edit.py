@@ -71,7 +71,8 @@ def main(argv=None):
     p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)
     p.add_argument("--out", default=None, help="PNG (default: <ckpt dir>/<command>.png)")
     args = p.parse_args(argv)
-    if Image.registered_extensions().get(os.path.splitext(args.out or "x.png")[1].lower()) not in Image.SAVE:
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{args.command}.png")
+    if Image.registered_extensions().get(os.path.splitext(out)[1].lower()) not in Image.SAVE:
         die(f"argument --out: must be an image file name like edit.png, got {args.out!r}")
     idx = args.images or []
     model, targs, ds = load_model_and_data(args)
@@ -85,8 +86,7 @@ def main(argv=None):
     if args.target is not None and not 0 <= args.target < model.cfg.num_classes:
         die(f"--target must be a class in 0..{model.cfg.num_classes - 1} (the model has {model.cfg.num_classes})")
     x = torch.stack([ds[i][0] for i in idx]).to(args.device)
-    g = torch.Generator(args.device).manual_seed(args.seed)
-    alpha = targs["alpha"]
+    g, alpha = torch.Generator(args.device).manual_seed(args.seed), targs["alpha"]
     kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
     if args.command == "recon":                                              # rows: originals, reconstructions
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
@@ -99,7 +99,6 @@ def main(argv=None):
         y = torch.full((len(x),), args.target, device=args.device)
         xs = manipulate(model, x, y, alpha, generator=g, **kw)
         grid, nrow = torch.stack([x] + xs, 1).flatten(0, 1), len(xs) + 1
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"{args.command}.png")
     save_image(grid * 0.5 + 0.5, out, nrow=nrow)
     print(f"wrote {out}")
 

@@ -75,10 +75,9 @@ def reference(ref, train_args, size):
 def fidelity(samples, args, ref):
     """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity; ref: reference()'s (images, cache name)."""
     import torch_fidelity
-    kw = dict(input1=Images(samples), fid=args.fid, isc=args.is_, verbose=False, cuda=torch.cuda.is_available(),
-              feature_extractor_weights_path=args.inception_weights)
-    if args.fid:                                                            # statistics cached under ref[1]
-        kw.update(input2=ref[0], input2_cache_name=ref[1])
+    images, cache = ref or (None, None)                                     # FID: statistics cached by name
+    kw = dict(input1=Images(samples), input2=images, input2_cache_name=cache, fid=args.fid, isc=args.is_,
+              verbose=False, cuda=torch.cuda.is_available(), feature_extractor_weights_path=args.inception_weights)
     try:
         return torch_fidelity.calculate_metrics(**kw)
     except Exception as err:                                                # offline Inception download, ...
@@ -166,7 +165,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.steps or [0]) < 1:
         die(f"argument --steps: must be integers >= 1 like 1,2,4, got {','.join(map(str, args.steps or ['all']))}")
-    if Image.registered_extensions().get(os.path.splitext(args.out or "x.png")[1].lower()) not in Image.SAVE:
+    root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
+    if Image.registered_extensions().get(ext.lower()) not in Image.SAVE:
         die(f"argument --out: must be an image file name like grid.png, got {args.out!r}")
     if args.inception_weights and not os.path.isfile(args.inception_weights):   # before sampling, not after
         die(f"argument --inception_weights: no file {args.inception_weights!r}")
@@ -184,7 +184,6 @@ def main(argv=None):
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     alpha = args.alpha if args.alpha is not None else train_args["alpha"]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    root, ext = os.path.splitext(args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png"))
     # labels balanced over the chosen classes, grouped so grid rows are classes
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches

@@ -61,9 +61,7 @@ def plot_spheres(v, y, prior, out, views=3, seed=0):
         P = torch.randn(v.shape[1], 3, generator=g)
         for row, (pts, col, name) in enumerate(((v, y, "encoded images"), (prior, None, "prior f(e)"))):
             ax = sphere_axes(fig, (2, views, row * views + k + 1), f"{name}, projection {k + 1}")
-            p = project(pts, P)
-            colors = "gray" if col is None else plt.cm.tab10(col.numpy() % 10)
-            ax.scatter(*p.T, color=colors, s=3, alpha=0.6)
+            ax.scatter(*project(pts, P).T, color="gray" if col is None else plt.cm.tab10(col.numpy() % 10), s=3, alpha=0.6)
     save(fig, out)
 
 
@@ -93,10 +91,8 @@ def plot_noise(v, trajectory, alpha, band, out):
     ax.set(xlabel="sigma", ylabel="angle to v (degrees)", title=f"noise angle, L = {v.shape[1]}")
     ax.legend(fontsize=7)
     ax = fig.add_subplot(1, 3, 2)
-    n = 20_000
-    s, s_sub = noise_levels(n, alpha, band if band > alpha else None, generator=torch.Generator().manual_seed(0))
-    ang = torch.rad2deg(torch.atan(s))                                       # large-L angle of sigma
-    ax.hist(ang, bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")
+    s, s_sub = noise_levels(20_000, alpha, band if band > alpha else None, generator=torch.Generator().manual_seed(0))
+    ax.hist(torch.rad2deg(torch.atan(s)), bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")   # large-L angle
     ax.hist(torch.rad2deg(torch.atan(s_sub)), bins=90, range=(0, 90), alpha=0.7, label="v_noisy")
     ax.set(xlabel="noise angle (degrees)", ylabel="count", title=f"training angles: alpha {alpha:g}, band {band:g}")
     ax.legend(fontsize=7)
