@@ -28,7 +28,7 @@ from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, DataError,
                   default_workers, die, folder_settings, parser, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
-from parallel import init_distributed, memory_plan, shard
+from parallel import fit_to_gpu, init_distributed, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 
 # Per-dataset defaults (docs/reference.md Sec. 2-5). Each entry is overridden by the flag of the same
@@ -46,6 +46,8 @@ DATASETS = {
     "flowers":  dict(model="L", image_size=256, alpha=85, band=89, epochs=1000, warmup_epochs=10, batch_size=256,
                      base_lr=1e-4, w=(25.0, 1.0, 1.0, 1.0, 0.1)),
 }
+
+
 def folder_defaults(args):
     """--dataset folder: the paper's settings for the images' size (<= 64px: CIFAR-10's, else Flowers'), read off
     a few of them; one line says which. Flags given win."""
@@ -167,54 +169,41 @@ def get_lr(step, peak, warmup, total, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def plan_memory(args, cfg, world, device):
-    """Fit a step to the GPU (parallel.memory_plan): micro-batch, --grad_accum, --grad_ckpt; flags given win.
-    Prints the plan (--dry_run: part by part, then exits); a plan that cannot fit stops here, saying what would."""
-    gpus, gpu = args.gpus or world, device.startswith("cuda")
-    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if gpu else 80.0)
-    if not (gpu or args.dry_run):                                           # CPU: one micro-batch, no recompute
-        args.grad_accum, args.grad_ckpt = args.grad_accum or 1, bool(args.grad_ckpt)
-        return
-    if args.batch_size % gpus or (args.grad_accum and (args.batch_size // gpus) % args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {gpus * (args.grad_accum or 1)}")
-    with torch.device("meta"):
-        params = SphereEncoder(cfg).num_params()
-    perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0)
-    plan = memory_plan(cfg, params, args.batch_size, gpus, mem, args.grad_accum, args.grad_ckpt, **perc)
-    line = (f"plan: micro_batch={plan['micro']} grad_accum={plan['grad_accum']} grad_ckpt="
-            f"{'on' if plan['grad_ckpt'] else 'off'} est_gb={plan['est_gb']:.1f}")
-    if args.dry_run:
-        print(f"memory plan per GPU: {args.model} {args.dataset} {cfg.image_size}px, batch {args.batch_size} over "
-              f"{gpus} GPU(s){' (FSDP)' if args.fsdp else ''}, {mem:.0f} GB each (fits: <= 85%)")
-        for k, v in plan["parts"].items():
-            print(f"  {k:<32} {v:7.2f} GB")
-    if not plan["fits"]:
-        auto = memory_plan(cfg, params, args.batch_size, gpus, mem, **perc)
-        fix = (f"--grad_accum {auto['grad_accum']} {'--grad_ckpt' if auto['grad_ckpt'] else '--no-grad_ckpt'}"
-               if auto["fits"] else "--fsdp, more GPUs, a smaller --model or --image_size")
-        die(f"a step needs ~{plan['est_gb']:.0f} GB per GPU ({line[6:]}), more than 85% of {mem:.0f} GB; try {fix}")
-    print(line, flush=True)
-    if args.dry_run:
-        raise SystemExit(0)
-    args.grad_accum, args.grad_ckpt = plan["grad_accum"], plan["grad_ckpt"]
+def setup_data(args, ckpt, world, device):
+    """The data set (Guarded: an unreadable image is replaced by the next one), the model config, the memory plan
+    (fit_to_gpu; --dry_run exits there) -> ds, cfg, micro-batch, max_steps, warmup steps."""
+    ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
+                                                                     args.unconditional, args.download)
+    cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
+                                                            **({"num_classes": num_classes} if ds else {}))
+    if ds is not None and cfg.num_classes != num_classes:
+        die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
+    if cfg.image_size % cfg.patch_size:
+        die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
+    fit_to_gpu(args, cfg, world, device)
+    if args.batch_size % (world * args.grad_accum):
+        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {world * args.grad_accum}")
+    steps_per_epoch = len(ds) // args.batch_size
+    if steps_per_epoch == 0:
+        die(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}")
+    max_steps = args.max_steps if args.max_steps is not None else int(args.epochs * steps_per_epoch)
+    micro, warmup = args.batch_size // (world * args.grad_accum), int(args.warmup_epochs * steps_per_epoch)
+    return Guarded(ds), cfg, micro, max_steps, warmup
 
 
-def build_loader(ds, args, world, rank, device, micro):
-    """A DataLoader of micro-batches and batches(step): an endless, resumable iterator from global step `step`."""
+def build_loader(ds, args, world, rank, device, micro, step):
+    """The micro-batches from global step `step` on, endless: a resumed run sees what an uninterrupted one would."""
     steps_per_epoch = len(ds) // args.batch_size
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers, drop_last=True,
                         pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
-
-    def batches(step):
-        epoch, skip = divmod(step, steps_per_epoch)
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.start = skip * args.grad_accum * micro
-            yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
-            epoch, skip = epoch + 1, 0
-    return batches
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:                                                             # workers start at the first next()
+        sampler.set_epoch(epoch)
+        sampler.start = skip * args.grad_accum * micro
+        yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
+        epoch, skip = epoch + 1, 0
 
 
 def build_model(cfg, args, world, rank, device, ckpt):
@@ -292,7 +281,8 @@ class Grids:
 
     def __call__(self, x, step, sd=None):
         if self.args.fsdp:
-            sd = sd if sd is not None else get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            sd = sd if sd is not None else get_model_state_dict(self.model, options=full)   # collective
             if self.master:
                 self.copy.load_state_dict(sd)
                 save_grids(self.copy.to(self.device), x, self.args, step, self.device)
@@ -301,8 +291,81 @@ class Grids:
             save_grids(self.ema or self.model, x, self.args, step, self.device)
 
 
-def log_line(rec):
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+def micro_batches(data, args, ds, bad, bar, device):
+    """The step's --grad_accum micro-batches (x, y) on the device, h-flipped (Sec. 3); an unreadable image (Guarded
+    gave the next one instead) is named once and added to bad."""
+    for _ in range(args.grad_accum):
+        x, y, replaced = next(data)
+        for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):
+            bad.append(j)
+            bar.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), y
+
+
+def train_step(net, model, opt, ema, batches, loss_fn, args):
+    """One optimizer step over the micro-batches, gradients reduced across ranks on the last one only; clip,
+    AdamW, EMA. -> the last micro-batch's losses and images, the gradient norm."""
+    for i, (x, y) in enumerate(batches):
+        last = i == args.grad_accum - 1
+        if args.fsdp:
+            model.set_requires_gradient_sync(last)
+        with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():   # DDP
+            losses = loss_fn(x, y)
+            (losses["total"] / args.grad_accum).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
+    return losses, grad_norm, x
+
+
+def agree(bad_step, timed_save, signalled, bad, device):
+    """The loop's one sync, at log and checkpoint steps: the ranks agree (MAX) on the first non-finite step, a timed
+    checkpoint and a stop signal, and merge their unreadable images (bad, in place)."""
+    flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        bad[:] = dict.fromkeys(sum(found, []))
+    first_bad, timed_save, signalled = flags.tolist()
+    return int(first_bad), bool(timed_save), bool(signalled)
+
+
+def check_health(first_bad, bad, ds, args, saved_step):
+    """A non-finite loss or too many unreadable images: the message to stop with, else None."""
+    if first_bad >= 0:
+        return (f"non-finite loss at step {first_bad}; stopped. The last good checkpoint "
+                f"({'step ' + str(saved_step) if saved_step else 'none yet'}) is untouched in {args.out_dir}")
+    if len(bad) > args.max_bad_frac * len(ds):
+        return (f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} (first: "
+                f"{', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py --check --dataset "
+                f"{args.dataset} --data_dir {args.data_dir}")
+
+
+def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
+    """Loss terms and grad norm, averaged over ranks: a line under the progress bar and a record in log.jsonl."""
+    names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
+    logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
+    if dist.is_initialized():
+        dist.all_reduce(logs, op=dist.ReduceOp.AVG)
+    rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr, img_per_s=img_per_s, bad_images=len(bad))
+    if master:
+        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def ddp_check(model, world, print0):
+    """Safety net at the end: DDP must have kept every replica identical."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    dist.broadcast(ref := flat.clone(), 0)
+    same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
 
 
 @script
@@ -319,120 +382,64 @@ def main(argv=None):
         check_out_dir(args)
         if master and not args.resume and os.path.exists(log := os.path.join(args.out_dir, "log.jsonl")):
             os.remove(log)                                                  # a new run starts a new log
-    # --- data (Guarded replaces an unreadable image by the next one and says which), model config, memory plan
-    ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
-                                                                     args.unconditional, args.download)
-    cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
-                                                            **({"num_classes": num_classes} if ds else {}))
-    if ds is not None and cfg.num_classes != num_classes:
-        die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
-    if cfg.image_size % cfg.patch_size:
-        die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
-    plan_memory(args, cfg, world, device)                                   # --dry_run exits here
-    if args.batch_size % (world * args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {world * args.grad_accum}")
-    micro, ds = args.batch_size // (world * args.grad_accum), Guarded(ds)
-    steps_per_epoch = len(ds) // args.batch_size
-    if steps_per_epoch == 0:
-        die(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}")
-    max_steps = args.max_steps if args.max_steps is not None else int(args.epochs * steps_per_epoch)
-    warmup, (lr, min_lr) = int(args.warmup_epochs * steps_per_epoch), lr_range(args)
-    batches = build_loader(ds, args, world, rank, device, micro)
-    # --- model, optimizer, EMA, checkpoint
+    ds, cfg, micro, max_steps, warmup = setup_data(args, ckpt, world, device)   # --dry_run: plan, exit
+    lr, min_lr = lr_range(args)
+    # --- model, optimizer, EMA, checkpoint, the loss
     model, opt, ema, checkpointer, net, step, bad = build_model(cfg, args, world, rank, device, ckpt)
     if ckpt:
         print0(f"resumed from {checkpointer.path} at step {step}")
     del ckpt                                                                # the resumed weights: not kept in RAM
-    perceptual = None
-    if args.w[1] > 0 or args.w[3] > 0:
-        try:
-            perceptual = load_perceptual(args.convnext).to(device)
-        except RuntimeError as err:
-            die(str(err))
-    else:
+    if not (perceptual := args.w[1] > 0 or args.w[3] > 0):
         print0("warning: training WITHOUT the paper's perceptual (LPIPS) loss term: --perceptual_weight 1 adds it")
+    try:
+        perceptual = load_perceptual(args.convnext).to(device) if perceptual else None
+    except RuntimeError as err:                                             # no VGG weights offline: what to do
+        die(str(err))
     band = args.band if args.band > args.alpha else None
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    print0(f"{args.dataset}: {len(ds)} images, {num_classes} classes | model {args.model}: "
+
+    def loss_fn(x, y):                                                      # Eq. 4-10 on one micro-batch
+        sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)   # Eq. 5, App. C.2
+        with autocast:
+            z, x_NOISY, x_noisy, z_re = net(x, y if cfg.num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
+            return sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)        # Eq. 10
+    print0(f"{args.dataset}: {len(ds)} images, {cfg.num_classes} classes | model {args.model}: "
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
-    # --- the loop: one optimizer step = grad_accum micro-batches of Eq. 4-10 on every rank
-    data, logged, t0, saved_at, save_s = batches(step), step, time.time(), time.time(), 0.0
+    # --- the loop; it syncs the ranks only at log and checkpoint steps (and on a signal in one process)
+    data = build_loader(ds, args, world, rank, device, micro, step)
+    logged, t0, saved_at, save_s = step, time.time(), time.time(), 0.0
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
     bar = progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
-    grids, signals = Grids(model, ema, cfg, args, master, device), StopSignal()
+    grids, signals = Grids(model, ema, cfg, args, master, device), StopSignal()   # before the loader's workers
     model.train()
     try:
         while step < max_steps:
             lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr_now * group["lr_mult"]
-            for i in range(args.grad_accum):
-                x, y, replaced = next(data)
-                for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):   # each file named once
-                    bad.append(j)
-                    bar.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)  # h-flip (Sec. 3)
-                sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)  # Eq. 5, C.2
-                sync_now = world == 1 or i == args.grad_accum - 1            # reduce grads on the last micro-batch
-                sync = nullcontext() if sync_now or args.fsdp else net.no_sync()
-                if args.fsdp:
-                    model.set_requires_gradient_sync(sync_now)
-                with sync, autocast:
-                    z, x_NOISY, x_noisy, z_re = net(x, y if num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
-                    losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)      # Eq. 10
-                (losses["total"] / args.grad_accum).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
+            losses, grad_norm, x = train_step(net, model, opt, ema, micro_batches(data, args, ds, bad, bar, device),
+                                              loss_fn, args)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
             step += 1
             bar.update(1)
-            # the loop's only syncs: at log and checkpoint steps (or a signal, one process) the ranks agree on
-            # a non-finite loss, a timed checkpoint, a stop signal and the unreadable images
             if not (due(args.log_every) or (args.ckpt_every and due(args.ckpt_every)) or (world == 1 and signals.got)):
                 continue
-            timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)
-            flags = torch.tensor([float(timed_save), float(signals.got is not None)], device=device)
-            flags = torch.cat([bad_step.float().view(1), flags])
-            if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                found = [None] * world
-                dist.all_gather_object(found, bad)
-                bad = list(dict.fromkeys(sum(found, [])))
-            first_bad, timed_save, signalled = flags.tolist()
-            if first_bad >= 0:
-                saved = checkpointer.saved_step
-                stop(f"non-finite loss at step {int(first_bad)}; stopped. The last good checkpoint "
-                     f"({'step ' + str(saved) if saved else 'none yet'}) is untouched in {args.out_dir}", code=1)
-            if len(bad) > args.max_bad_frac * len(ds):
-                stop(f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} "
-                     f"(first: {', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py "
-                     f"--check --dataset {args.dataset} --data_dir {args.data_dir}")
+            first_bad, timed_save, signalled = agree(bad_step, not args.ckpt_every and time.time() - saved_at >= max(
+                60.0, 100 * save_s), signals.got is not None, bad, device)          # <= 1% of the time saving
+            if msg := check_health(first_bad, bad, ds, args, checkpointer.saved_step):
+                stop(msg, code=1 if first_bad >= 0 else 2)
             if due(args.log_every):
-                names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
-                logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
-                if dist.is_initialized():
-                    dist.all_reduce(logs, op=dist.ReduceOp.AVG)
-                rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr_now,
-                           img_per_s=(step - logged) * args.batch_size / (time.time() - t0), bad_images=len(bad))
+                log_step(losses, grad_norm, step, lr_now, (step - logged) * args.batch_size / (time.time() - t0), bad,
+                         args, bar, master)
                 logged, t0 = step, time.time()
-                if master:
-                    bar.write(log_line(rec))
-                    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
             sd = None
             if (due(args.ckpt_every) if args.ckpt_every else timed_save or step == max_steps) or signalled:
-                t = time.time()
                 try:
-                    sd = checkpointer.save(step, bad)
+                    t, sd = time.time(), checkpointer.save(step, bad)
                 except DataError as err:                                    # a full disk: stop, last.pt intact
                     stop(str(err))
                 saved_at, save_s = time.time(), time.time() - t
@@ -444,13 +451,9 @@ def main(argv=None):
     finally:
         signals.restore()
     bar.close()
-    if dist.is_initialized() and not args.fsdp:   # safety net: DDP must have kept every replica identical
-        flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-        dist.broadcast(ref := flat.clone(), 0)
-        same = torch.tensor(float(torch.equal(ref, flat)), device=device)
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
     if dist.is_initialized():
+        if not args.fsdp:
+            ddp_check(model, world, print0)
         dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
