@@ -45,7 +45,7 @@ def bench(args, compile_model, world, dev):
     if args.fsdp:                                                   # as train.py: FSDP compiles each block before
         shard(model, dev, world, compile_blocks=compile_model)     # sharding; else the whole net (DDP: its forward)
     net = model if world == 1 or args.fsdp else DDP(   # as train.py: buffers are constants, grads are bucket views
-        model, device_ids=[dev] if cuda else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+        model, device_ids=[dev] if cuda else None, forward_sync_buffers=False, gradient_as_bucket_view=True)
     net = torch.compile(net) if compile_model and not args.fsdp else net
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     perceptual = load_perceptual(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
@@ -141,7 +141,7 @@ def main(argv=None):
         total = sum(r["split"].values())
         print("  time split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in r["split"].items()))
         print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in r["sampling"].items()))
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -208,7 +208,7 @@ def main(argv=None):
             mine = sum(parts, []) if rank == 0 else []
         if rank == 0:
             results.append((steps, torch.cat([x for _, x in sorted(mine, key=lambda m: m[0])]), first))
-    if world > 1:                           # rank 0 writes and scores alone, with no rank waiting in a collective
+    if dist.is_initialized():              # rank 0 writes and scores alone, with no rank waiting in a collective
         dist.destroy_process_group()
         if rank > 0:
             return

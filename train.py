@@ -226,7 +226,7 @@ def build_model(cfg, args, world, rank, device, ckpt):
     step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
     net = model
     if dist.is_initialized() and not args.fsdp:                             # buffers are constants; no grad copy
-        net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False,
+        net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, forward_sync_buffers=False,
                   gradient_as_bucket_view=True)
     if args.compile and not args.fsdp:
         net = torch.compile(net)
