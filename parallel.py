@@ -8,7 +8,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from data import DataError
+from data import DataError, die
+from model import SphereEncoder
 
 
 def init_distributed(device, timeout_s=7200):
@@ -121,3 +122,35 @@ def memory_plan(cfg, params, batch, world, gpu_mem_gb, grad_accum=None, grad_ckp
         return options[-1]                                                 # the smallest: fits=False
     best = max(fit, key=lambda p: (not p["grad_ckpt"] and p["micro"] >= min(per_gpu, 8), p["micro"]))
     return best
+
+
+def fit_to_gpu(args, cfg, world, device):
+    """train.py: fit a step to the GPU (memory_plan): micro-batch, --grad_accum, --grad_ckpt; flags given win.
+    Prints the plan (--dry_run: part by part, then exits); a plan that cannot fit stops here, saying what would."""
+    gpus, gpu = args.gpus or world, device.startswith("cuda")
+    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if gpu else 80.0)
+    if not (gpu or args.dry_run):                                           # CPU: one micro-batch, no recompute
+        args.grad_accum, args.grad_ckpt = args.grad_accum or 1, bool(args.grad_ckpt)
+        return
+    if args.batch_size % gpus or (args.grad_accum and (args.batch_size // gpus) % args.grad_accum):
+        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {gpus * (args.grad_accum or 1)}")
+    with torch.device("meta"):
+        params = SphereEncoder(cfg).num_params()
+    perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0)
+    plan = memory_plan(cfg, params, args.batch_size, gpus, mem, args.grad_accum, args.grad_ckpt, **perc)
+    line = (f"plan: micro_batch={plan['micro']} grad_accum={plan['grad_accum']} grad_ckpt="
+            f"{'on' if plan['grad_ckpt'] else 'off'} est_gb={plan['est_gb']:.1f}")
+    if args.dry_run:
+        print(f"memory plan per GPU: {args.model} {args.dataset} {cfg.image_size}px, batch {args.batch_size} over "
+              f"{gpus} GPU(s){' (FSDP)' if args.fsdp else ''}, {mem:.0f} GB each (fits: <= 85%)")
+        for k, v in plan["parts"].items():
+            print(f"  {k:<32} {v:7.2f} GB")
+    if not plan["fits"]:
+        auto = memory_plan(cfg, params, args.batch_size, gpus, mem, **perc)
+        fix = (f"--grad_accum {auto['grad_accum']} {'--grad_ckpt' if auto['grad_ckpt'] else '--no-grad_ckpt'}"
+               if auto["fits"] else "--fsdp, more GPUs, a smaller --model or --image_size")
+        die(f"a step needs ~{plan['est_gb']:.0f} GB per GPU ({line[6:]}), more than 85% of {mem:.0f} GB; try {fix}")
+    print(line, flush=True)
+    if args.dry_run:
+        raise SystemExit(0)
+    args.grad_accum, args.grad_ckpt = plan["grad_accum"], plan["grad_ckpt"]
