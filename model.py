@@ -35,23 +35,17 @@ class Config:
     pixel_head: str = "conv"      # "conv" (32px) or "linear" (256px), docs/reference.md Sec. 2
 
     @property
-    def grid(self):               # h = w
-        return self.image_size // self.patch_size
+    def grid(self): return self.image_size // self.patch_size            # h = w
 
     @property
-    def latent_size(self):        # L = h * w * d
-        return self.grid ** 2 * self.latent_dim
+    def latent_size(self): return self.grid ** 2 * self.latent_dim      # L = h * w * d
 
 
 # Model sizes: (encoder, decoder) transformers of (width, depth, heads) [released]; Sphere-L = large enc +
-# large dec (Sec. 3.1). tiny, ours (a 2-core CPU quick start): the encoder runs twice a step (on x, Eq. 4,
-# and on D(v_NOISY), Eq. 9) and took half of it, so a 64 x 1 one buys 1.4x the images a minute (README).
+# large dec (Sec. 3.1). Latent shape per dataset: docs/reference.md Sec. 2 table. tiny, toy: ours (make_config).
 PAPER_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 SIZES = {"tiny": ((64, 1, 2), (128, 3, 4)), **{k: (t, t) for k, t in PAPER_SIZES.items()}}
-# Latent shape per dataset (docs/reference.md Sec. 2 table): image, P, d, Mixer depth, head, classes.
 LATENTS = {
-    # ours: 4x4x128, ratio 1.5. P = 8 (the paper's 256px patch) makes 16 tokens: a CPU step costs 1/3 of
-    # P = 4's, so the quick start sees 3x the images; the release pairs P = 8 with the linear head.
     "toy": dict(image_size=32, patch_size=8, latent_dim=128, mixer_depth=2, pixel_head="linear", num_classes=10),
     "cifar10": dict(image_size=32, patch_size=2, latent_dim=8, mixer_depth=2, pixel_head="conv", num_classes=10),  # 16x16x8
     "imagenet": dict(image_size=256, patch_size=8, latent_dim=64, mixer_depth=4, pixel_head="linear", num_classes=1000),  # 32x32x64
@@ -69,7 +63,11 @@ def latent_for(image_size):
 
 
 def make_config(size="tiny", dataset="toy", **overrides):
-    """Config = transformer size (SIZES) x latent shape of the dataset (LATENTS), then overrides."""
+    """Config = transformer size (SIZES) x latent shape of the dataset (LATENTS), then overrides.
+    Ours, for a 2-core CPU quick start: "tiny", as the encoder runs twice a step (on x, Eq. 4, and on D(v_NOISY),
+    Eq. 9) and took half of it, so a 64 x 1 one buys 1.4x the images a minute (README); "toy", 4x4x128 (ratio
+    1.5): P = 8 (the paper's 256px patch) makes 16 tokens, so a CPU step costs 1/3 of P = 4's and the quick start
+    sees 3x the images; the release pairs P = 8 with the linear head."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {list(SIZES)}")
     (ew, ed, eh), (dw, dd, dh) = SIZES[size]
@@ -118,8 +116,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)                   # (B, heads, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
 
 class SwiGLU(nn.Module):
@@ -202,16 +199,14 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, cond) for _ in range(depth)])
         self.norm = FinalNorm(dim, cond)
         self.register_buffer("pos", sincos_2d(grid, dim)[None], persistent=False)  # (1, N, D)
-        cos, sin = rope_2d(grid, dim // heads)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", torch.stack(rope_2d(grid, dim // heads)), persistent=False)  # cos, sin: (2, N, hd)
         self.grad_ckpt = False                                              # recompute blocks in backward
 
     def forward(self, x, y):
         c = None if self.y_embed is None else self.y_embed(y)              # (B, D)
-        x, rope = x.float() + self.pos, (self.rope_cos, self.rope_sin)     # the residual stream is fp32
+        x = x.float() + self.pos                                            # the residual stream is fp32
         for blk in self.blocks:
-            x = checkpoint(blk, x, c, rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, rope)
+            x = checkpoint(blk, x, c, self.rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, self.rope)
         return self.norm(x, c)
 
 
@@ -249,14 +244,10 @@ class Decoder(nn.Module):
                                       nn.ConvTranspose2d(32, C, P + 2, stride=P, padding=1))
 
     def forward(self, v, y):                                                # (B, N, d)
-        cfg, B = self.cfg, v.shape[0]
         x = self.out(self.vit(self.mixer(self.inp(v)), y))                  # (B, N, out)
-        g, P = cfg.grid, cfg.patch_size
-        if cfg.pixel_head == "linear":                                      # un-patchify, token = (c, p1, p2)
-            x = x.view(B, g, g, cfg.channels, P, P).permute(0, 3, 1, 4, 2, 5)
-            x = x.reshape(B, cfg.channels, g * P, g * P)
-        else:
-            x = x.transpose(1, 2).reshape(B, -1, g, g)                      # (B, 32, h, w)
+        x = x.transpose(1, 2).unflatten(2, (self.cfg.grid, self.cfg.grid))  # (B, out, h, w)
+        if self.cfg.pixel_head == "linear":                                 # un-patchify, token = (c, p1, p2)
+            x = F.pixel_shuffle(x, self.cfg.patch_size)                     # (B, C, H, W)
         return torch.tanh(self.conv(x).float())                             # (B, C, H, W) in [-1, 1], fp32
 
 
@@ -304,15 +295,13 @@ class SphereEncoder(nn.Module):
 
     def encode(self, x, y=None):
         """E: images (B, C, H, W) in [-1, 1] -> latent z (B, h, w, d), before spherify."""
-        g = self.cfg.grid
-        z = self.encoder(x, self.labels(y, x.shape[0], x.device))          # (B, N, d)
-        return z.view(x.shape[0], g, g, self.cfg.latent_dim)
+        z = self.encoder(x, self.labels(y, len(x), x.device))              # (B, N, d)
+        return z.unflatten(1, (self.cfg.grid, self.cfg.grid))               # (B, h, w, d)
 
     def decode(self, v, y=None):
         """D: a point on the sphere, (B, h, w, d) or (B, L) -> images (B, C, H, W) in [-1, 1]."""
-        B = v.shape[0]
-        v = v.reshape(B, self.cfg.grid ** 2, self.cfg.latent_dim)          # (B, N, d)
-        return self.decoder(v, self.labels(y, B, v.device))
+        v = v.reshape(len(v), self.cfg.grid ** 2, self.cfg.latent_dim)      # (B, N, d)
+        return self.decoder(v, self.labels(y, len(v), v.device))
 
     def forward(self, x, y, sigma, sigma_sub, p_drop=0.1):
         """The training pass, Eq. 4-9, one call (p_drop per network call, Sec. 2.4). Returns z (target of
@@ -321,8 +310,7 @@ class SphereEncoder(nn.Module):
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
         y2 = None if y is None else self.drop_labels(y.repeat(2), p_drop)  # one draw per call, over 2B [released]
-        x_both = self.decode(torch.cat([v_NOISY, v_noisy]), y2)
-        x_NOISY, x_noisy = x_both.chunk(2)                                  # (B, C, H, W) each
+        x_NOISY, x_noisy = self.decode(torch.cat([v_NOISY, v_noisy]), y2).chunk(2)   # (B, C, H, W) each
         z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
         return z, x_NOISY, x_noisy, z_re
 
@@ -341,15 +329,12 @@ class SphereEncoder(nn.Module):
             hidden = int(2 / 3 * cfg.mlp_ratio * w)
             ada = (depth * 12 * w * w + 4 * w * w) if cfg.num_classes else 0    # shift/scale/gate from c
             return depth * (2 * N * (4 * w * w + 3 * w * hidden) + 4 * N * N * w) + ada
-
-        def mixer(D):                                                       # token + channel mixing
-            return cfg.mixer_depth * (2 * D * 2 * N * N + 2 * N * 4 * D * D)
-        w, d = cfg.enc_width, cfg.latent_dim
-        enc = 2 * N * (C * P * P * w + w * w + w * d) + vit(w, cfg.enc_depth) + mixer(d)
-        w = cfg.dec_width
-        head = (2 * N * w * P * P * C + 2 * 9 * C * C * N * P * P if cfg.pixel_head == "linear"  # + 3x3 conv
-                else 2 * N * (w * 32 + 9 * 32 * 32 + 32 * C * (P + 2) ** 2))                # conv, ConvTranspose
-        dec = 2 * N * d * w + mixer(w) + vit(w, cfg.dec_depth) + head
+        mixer = lambda D: cfg.mixer_depth * (2 * D * 2 * N * N + 2 * N * 4 * D * D)   # token + channel mixing
+        ew, dw, d = cfg.enc_width, cfg.dec_width, cfg.latent_dim
+        enc = 2 * N * (C * P * P * ew + ew * ew + ew * d) + vit(ew, cfg.enc_depth) + mixer(d)
+        head = (2 * N * dw * P * P * C + 2 * 9 * C * C * N * P * P if cfg.pixel_head == "linear"  # + 3x3 conv
+                else 2 * N * (dw * 32 + 9 * 32 * 32 + 32 * C * (P + 2) ** 2))                 # conv, ConvTranspose
+        dec = 2 * N * d * dw + mixer(dw) + vit(dw, cfg.dec_depth) + head
         return {"encoder": enc, "decoder": dec}
 
 

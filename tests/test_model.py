@@ -65,7 +65,7 @@ def test_blocks_are_identity_and_encoder_outputs_zero_at_init(tiny_cfg):
     h = torch.randn(3, 64, 32)
     c = vit.y_embed(y)
     for blk in vit.blocks:
-        assert isinstance(blk, Block) and torch.equal(blk(h, c, (vit.rope_cos, vit.rope_sin)), h)
+        assert isinstance(blk, Block) and torch.equal(blk(h, c, vit.rope), h)
 
 
 def test_null_class_differs_from_real_class(tiny_cfg):
