@@ -32,7 +32,7 @@ def init_distributed(device, timeout_s=7200):
     return world, rank, device
 
 
-def shard(model, device, world, compile_blocks=False):
+def shard(model, device, world, compile_blocks=False, bf16=None):
     """FSDP2: a unit per block and per Mixer, then the rest; on GPU bf16 compute, fp32 grad reduction.
     Units keep their inputs' dtype (cast_forward_inputs=False): the residual stream's precision is set by the
     model (model.py), the same under DDP and FSDP. compile_blocks: torch.compile each Block and MixerBlock
@@ -40,8 +40,8 @@ def shard(model, device, world, compile_blocks=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.split(":")[0], (world,))
-    mp = (MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
-          if device.startswith("cuda") else MixedPrecisionPolicy())
+    bf16 = device.startswith("cuda") if bf16 is None else bf16            # the training precision (--precision)
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
     if compile_blocks:
         for m in model.modules():
             if type(m).__name__ in ("Block", "MixerBlock"):
@@ -136,7 +136,8 @@ def fit_to_gpu(args, cfg, world, device):
         die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {gpus * (args.grad_accum or 1)}")
     with torch.device("meta"):
         params = SphereEncoder(cfg).num_params()
-    perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0)
+    perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0,
+                a=2 if args.precision == "bf16" else 4)
     plan = memory_plan(cfg, params, args.batch_size, gpus, mem, args.grad_accum, args.grad_ckpt, **perc)
     line = (f"plan: micro_batch={plan['micro']} grad_accum={plan['grad_accum']} grad_ckpt="
             f"{'on' if plan['grad_ckpt'] else 'off'} est_gb={plan['est_gb']:.1f}")

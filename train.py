@@ -65,52 +65,47 @@ def folder_defaults(args):
 
 def get_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--dataset", default=None, choices=[*DATASETS, "folder"], help="default: toy (or the checkpoint's)")
-    p.add_argument("--data_dir", default=None, help="dataset root (not needed for toy)")
+    p.add_argument("--dataset", choices=[*DATASETS, "folder"], help="default: toy (or the checkpoint's)")
+    p.add_argument("--data_dir", help="dataset root (not needed for toy)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/flowers")
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
-    p.add_argument("--model", default=None, choices=list(SIZES), help="size (default per dataset)")
-    p.add_argument("--image_size", type=COUNT, default=None)
-    p.add_argument("--alpha", type=ANGLE, default=None, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
-    p.add_argument("--band", type=ANGLE, default=None, help="top of the mixing band (deg, App. C.2), >= alpha; "
-                   "= alpha: off")
+    p.add_argument("--model", choices=list(SIZES), help="size (default per dataset)")
+    p.add_argument("--image_size", type=COUNT)
+    p.add_argument("--alpha", type=ANGLE, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
+    p.add_argument("--band", type=ANGLE, help="top of the mixing band (deg, >= alpha; = alpha: off; App. C.2)")
     p.add_argument("--p_band", type=PROB, default=0.1, help="probability of a band draw (App. C.2)")
-    p.add_argument("--epochs", type=POSITIVE, default=None)
-    p.add_argument("--max_steps", type=STEPS, default=None, help="optimizer steps; overrides --epochs")
-    p.add_argument("--warmup_epochs", type=WEIGHT, default=None, help="linear warmup, < --epochs")
-    p.add_argument("--batch_size", type=COUNT, default=None, help="global batch over all GPUs and accumulation")
-    p.add_argument("--grad_accum", type=COUNT, default=None, help="micro-batches per step on each GPU (default: "
-                   "the memory plan on GPU, 1 on CPU)")
-    p.add_argument("--lr", type=POSITIVE, default=None, help="peak decoder lr (default: table lr x batch/256)")
+    p.add_argument("--epochs", type=POSITIVE)
+    p.add_argument("--max_steps", type=STEPS, help="optimizer steps; overrides --epochs")
+    p.add_argument("--warmup_epochs", type=WEIGHT, help="linear warmup, < --epochs")
+    p.add_argument("--batch_size", type=COUNT, help="global batch over all GPUs and accumulation")
+    p.add_argument("--grad_accum", type=COUNT, help="micro-batches a step per GPU (default: GPU: planned, CPU: 1)")
+    p.add_argument("--lr", type=POSITIVE, help="peak decoder lr (default: table lr x batch/256)")
     p.add_argument("--min_lr", type=WEIGHT, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
     p.add_argument("--enc_lr_mult", type=WEIGHT, default=0.1, help="encoder lr = this x decoder lr [released]")
     p.add_argument("--weight_decay", type=WEIGHT, default=0.0)
     p.add_argument("--clip", type=POSITIVE, default=1.0, help="gradient-norm clip")
     p.add_argument("--p_drop", type=PROB, default=0.1, help="label dropout to the null class (Sec. 2.4)")
-    p.add_argument("--weights", type=WEIGHT, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, "
-                   "lat-con (>= 0, not all 0)")
-    p.add_argument("--perceptual_weight", type=WEIGHT, default=None, help="set both perceptual weights (0 = no LPIPS)")
+    p.add_argument("--weights", type=WEIGHT, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, lat")
+    p.add_argument("--perceptual_weight", type=WEIGHT, help="set both perceptual weights (0 = no LPIPS)")
     p.add_argument("--convnext", type=WEIGHT, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
     p.add_argument("--ema", type=DECAY, default=0.0, help="EMA decay in [0, 1), e.g. 0.9997; 0 = off (App. D)")
-    p.add_argument("--out_dir", default=None, help="default: out/<dataset>")
+    p.add_argument("--out_dir", help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds a run")
     p.add_argument("--seed", type=STEPS, default=0)
-    p.add_argument("--num_workers", type=STEPS, default=None, help="loader processes (default: from the CPUs)")
+    p.add_argument("--num_workers", type=STEPS, help="loader processes (default: from the CPUs)")
     p.add_argument("--max_bad_frac", type=PROB, default=0.001, help="stop past this fraction unreadable")
     p.add_argument("--log_every", type=COUNT, default=50)
-    p.add_argument("--ckpt_every", type=COUNT, default=None, help="write last.pt every N steps (default: by time, "
-                   "every max(60 s, 100 x the last save's time): <= 1%% of the run spent saving)")
+    p.add_argument("--ckpt_every", type=COUNT, help="last.pt every N steps (default: <= 1%% of the time saving)")
     p.add_argument("--keep_every", type=STEPS, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
     p.add_argument("--sample_every", type=COUNT, default=500, help="sample and reconstruction grids every N steps")
     p.add_argument("--sample_steps", type=COUNT, default=4, help="Algorithm 1 steps for the grids")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation checkpointing per block (default: the memory plan on GPU, off on CPU)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16: autocast (default on GPU); fp32 (CPU)")
+    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, help="recompute in backward (GPU: planned)")
     p.add_argument("--dry_run", action="store_true", help="print the per-GPU memory plan and exit")
-    p.add_argument("--gpus", type=COUNT, default=None, help="GPUs to plan for (default: the processes launched)")
-    p.add_argument("--gpu_mem", type=POSITIVE, default=None, help="GB per GPU to plan for "
-                   "(default: the GPU's; --dry_run without one: 80)")
+    p.add_argument("--gpus", type=COUNT, help="GPUs to plan for (default: the processes launched)")
+    p.add_argument("--gpu_mem", type=POSITIVE, help="GB per GPU to plan for (default: the GPU's, or 80)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
@@ -135,6 +130,7 @@ def get_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.num_workers = default_workers() if args.num_workers is None else args.num_workers
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") or args.dry_run else "fp32")
     if args.perceptual_weight is not None:
         args.w = [args.w[0], args.perceptual_weight, args.w[2], args.perceptual_weight, args.w[4]]
     args.w = list(args.weights or args.w)
@@ -216,7 +212,7 @@ def build_model(cfg, args, world, rank, device, ckpt):
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.fsdp:                                                           # --compile: per block, then shard
-        shard(model, device, world, compile_blocks=args.compile)
+        shard(model, device, world, compile_blocks=args.compile, bf16=args.precision == "bf16")
     # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}], lr=1.0, betas=(0.9, 0.95),
@@ -262,7 +258,7 @@ def save_grids(model, x, args, step, device, n=8):
     rows = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().long()   # one class a row
     labels = rows.repeat_interleave(n).to(device) if cfg.num_classes else None
     e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
-    with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+    with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):
         imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
         recon = model.decode(spherify(model.encode(x[:n]))).float()        # D(f(E(x))): null class, r = 0
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
@@ -396,7 +392,7 @@ def main(argv=None):
     except RuntimeError as err:                                             # no VGG weights offline: what to do
         die(str(err))
     band = args.band if args.band > args.alpha else None
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16")  # model.py
 
     def loss_fn(x, y):                                                      # Eq. 4-10 on one micro-batch
         sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)   # Eq. 5, App. C.2

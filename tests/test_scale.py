@@ -47,6 +47,16 @@ def test_fsdp_matches_ddp_and_one_process(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp_and_ddp_train_the_same_numerics_under_bf16_autocast(tmp_path):
+    """CPU bf16 autocast (--precision bf16): FSDP's units keep their inputs' dtype, so the residual streams stay
+    fp32 and both wrappers compute the same step, up to bf16 rounding."""
+    out = {k: str(tmp_path / k) for k in ("fsdp", "ddp")}
+    for port, k in ((29621, "fsdp"), (29622, "ddp")):
+        r = torchrun(2, port, "--precision", "bf16", "--max_steps", "3", "--out_dir", out[k], *(["--fsdp"] * (k == "fsdp")))
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(out["fsdp"]) == pytest.approx(losses(out["ddp"]), rel=2e-2)
+
+
 def test_checkpoints_move_between_fsdp_and_ddp(tmp_path):
     f, d = str(tmp_path / "f"), str(tmp_path / "d")
     for r in (torchrun(2, 29613, "--fsdp", "--max_steps", "2", "--out_dir", f),
