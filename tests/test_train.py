@@ -158,3 +158,21 @@ def test_lr_schedule_as_released():
     assert train.get_lr(99, peak, 10, 100, lo) == pytest.approx(lo)
     args, _ = train.get_args(["--dataset", "cifar10", "--batch_size", "512"])
     assert train.lr_range(args) == pytest.approx((2e-4, 2e-6))
+
+
+def test_folder_takes_the_papers_settings_for_its_image_size(tmp_path, capsys):
+    """--dataset folder reads a few images: ~20px -> CIFAR-10's settings at 32px, ~300px -> Flowers' at 256px;
+    one line says which; a flag given wins."""
+    from PIL import Image
+    for side, name in ((20, "small"), (300, "large")):
+        for k in range(6):
+            os.makedirs(tmp_path / name / "ab"[k % 2], exist_ok=True)
+            Image.new("RGB", (side, side + 4), (40 * k, 90, 9)).save(tmp_path / name / "ab"[k % 2] / f"{k}.png")
+    flags = lambda name, *more: ["--dataset", "folder", "--data_dir", str(tmp_path / name), "--out_dir",
+                                 str(tmp_path / "out"), *more]
+    args, _ = train.get_args(flags("small"))
+    assert (args.image_size, args.alpha, args.band, args.model) == (32, 80, 85, "L")
+    assert "6 images in 2 classes, ~20px -> CIFAR-10's settings at 32px" in capsys.readouterr().out
+    args, _ = train.get_args(flags("large", "--alpha", "84"))
+    assert (args.image_size, args.alpha, args.band, args.epochs) == (256, 84, 89, 1000)
+    assert "Flowers' settings at 256px" in capsys.readouterr().out
