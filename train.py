@@ -56,10 +56,11 @@ def folder_defaults(args):
     like = "cifar10" if size <= 64 else "flowers"
     size = (32 if size <= 48 else 64) if like == "cifar10" else (128 if size < 192 else 256)
     defaults = {**DATASETS[like], "image_size": size}
+    name = "CIFAR-10's" if like == "cifar10" else "Flowers'"
+    taken = ", ".join(f"--{k} {defaults[k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
+                      if getattr(args, k) is None)
     print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{found['image_size']}px -> "
-          f"{"CIFAR-10's" if like == 'cifar10' else "Flowers'"} settings at {size}px: " + ", ".join(
-              f"--{k} {defaults[k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
-              if getattr(args, k) is None) + " (each a flag)", flush=True)
+          f"{name} settings at {size}px: {taken} (each a flag)", flush=True)
     return defaults
 
 
