@@ -1,5 +1,7 @@
-"""Many processes: torchrun set-up, FSDP2 sharding with per-block compile, the DDP wrapper.
-One process per GPU (or gloo CPU slot) under `torchrun --nproc_per_node=N`; see docs/scaling.md.
+"""Scaling out: torchrun set-up (one process per GPU, or gloo CPU slot), FSDP2 sharding with per-block compile,
+and the memory plan: what a training step holds per GPU, counted before it runs, and the micro-batch and
+activation checkpointing that fit it. See docs/scaling.md.
+    python train.py --dataset imagenet --model L --dry_run --gpus 8 --gpu_mem 80   # the plan, without a GPU
 """
 import datetime
 import os
