@@ -7,7 +7,6 @@ schedule, classifier-free guidance (App. C.1). Step 1 decodes D(f(e)), later ste
 import hashlib
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -102,15 +101,13 @@ def frechet_distance(f1, f2):
     """Frechet distance between Gaussians fitted to two feature sets (N, D): the formula of FID."""
     from scipy import linalg
     mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
 
 
 def class_accuracy(classifier, images, labels):
     """The toy classifier's accuracy on images (N, C, H, W) asked to be labels (N,): (overall, {class: acc.})."""
     hit = (torch.cat([classifier(b) for b in images.split(256)]).argmax(1) == labels).float()   # (N,)
-    names = ToyShapes.classes
-    return hit.mean().item(), {names[c]: hit[labels == c].mean().item() for c in labels.unique().tolist()}
+    return hit.mean().item(), {ToyShapes.classes[c]: hit[labels == c].mean().item() for c in labels.unique().tolist()}
 
 
 @torch.no_grad()
@@ -139,6 +136,8 @@ def toy_recon_scores(model, classifier, n=500, batch=250):
 
 @script
 def main(argv=None):
+    """Labels are balanced over the chosen classes and grouped, so grid rows are classes. Under torchrun the
+    batches are dealt round-robin and gathered on rank 0; batch i is seeded by (seed, i) on any world size."""
     p = parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
@@ -182,23 +181,20 @@ def main(argv=None):
         die("--toy_metrics is for models trained on the toy data")
     ref = reference(args.ref, train_args, cfg.image_size) if args.fid and rank == 0 else None   # bad --ref: fail now
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
-    alpha = args.alpha if args.alpha is not None else train_args["alpha"]
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    # labels balanced over the chosen classes, grouped so grid rows are classes
-    labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)]) if cfg.num_classes else None
+    sigma = sigma_max(args.alpha if args.alpha is not None else train_args["alpha"])
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
+    labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)] if cfg.num_classes else [-1] * n)
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
     results = []                                                            # rank 0: (steps, uint8 (n, C, H, W), first)
     for steps in args.steps:
-        # torchrun: batches dealt round-robin, gathered on rank 0; batch i seeded by (seed, i) on any world size
         mine, first = [], None
         for i in progress(starts, desc=f"{steps} step(s)", leave=False, disable=rank > 0):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)
-            b = min(args.batch_size, n - i)
-            e = torch.randn(b, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
-            y = None if labels is None else labels[i:i + b].to(device)
+            y = labels[i:i + args.batch_size]                              # (b,); -1: unconditional
+            e = torch.randn(len(y), cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
             with torch.inference_mode(), autocast:
-                xs = generate(model, e, y, steps, sigma_max(alpha), args.gamma, args.cfg, args.cfg_position,
-                              args.noise, generator=g)
+                xs = generate(model, e, y.to(device) if cfg.num_classes else None, steps, sigma, args.gamma, args.cfg,
+                              args.cfg_position, args.noise, generator=g)
             mine.append((i, ((xs[-1].float() * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).cpu()))
             if i == 0:                                                      # each step's image, first 16 samples
                 first = torch.stack([x[:16].float().cpu() for x in xs])   # (steps, 16, C, H, W)
@@ -218,7 +214,6 @@ def main(argv=None):
         err, acc, per_class = toy_recon_scores(model, clf)
         print(f"reconstructions: colour error {err:.1f} / 255 (mean colour per image and channel), class accuracy "
               f"{acc:.3f}\n  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()))
-    y = torch.full((n,), -1) if labels is None else labels
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     for steps, u8, first in results:
         suffix = f"_{steps}step" if len(args.steps) > 1 else ""
@@ -234,10 +229,10 @@ def main(argv=None):
                 save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
         if args.npz:
             path = (args.npz[:-4] if args.npz.endswith(".npz") else args.npz) + suffix + ".npz"
-            write_npz(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+            write_npz(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
             print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
         if args.toy_metrics:
-            m = toy_scores(u8 / 255 * 2 - 1, y, clf)
+            m = toy_scores(u8 / 255 * 2 - 1, labels, clf)
             print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
                   f"colour spread {m['colour_spread']:.2f} (data: 1)")
             print("  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class"].items()))
