@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--alpha", type=ANGLE, default=None, help="noise angle, degrees (default: the training alpha)")
     p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)
     p.add_argument("--batch_size", type=COUNT, default=64)
-    p.add_argument("--out", default=None, help="grid PNG (default: <ckpt dir>/samples_<steps>.png)")
+    p.add_argument("--out", default=None, help="grid PNG (default: <ckpt dir>/samples.png; a --steps sweep adds _<N>step)")
     p.add_argument("--per_step", action="store_true", help="also save a grid of every step's images")
     p.add_argument("--out_dir", default=None, help="also save each sample as a PNG here")
     p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
