@@ -4,6 +4,7 @@ Bad input never ends in a traceback: die() prints one line, exit 2; unreadable f
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -60,19 +61,13 @@ def number(lo, hi=None, cast=float, lo_open=False, hi_open=False):
     what, left, right = "an integer" if cast is int else "a number", "(["[not lo_open], ")]"[not hi_open]
     what += f" {'>' if lo_open else '>='} {lo}" if hi is None else f" in {left}{lo}, {hi}{right}"
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):                               # not a number: the error below
             v = cast(text)
             if math.isfinite(v) and (v > lo or v == lo and not lo_open) and (
                     hi is None or v < hi or v == hi and not hi_open):
                 return v
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return parse
-
-
-def at_least(low, cast=int):                                                # an argparse type: a number >= low
-    return number(low, cast=cast)
 
 
 ANGLE, PROB, DECAY = number(0, 90, lo_open=True, hi_open=True), number(0, 1), number(0, 1, hi_open=True)  # degrees
@@ -108,8 +103,7 @@ class Lines(tqdm):
 
 def progress(iterable=None, **kw):
     """tqdm(iterable, **kw) on a terminal; to a file or pipe (Slurm, > log) Lines, every TQDM_MININTERVAL s (30)."""
-    fp = kw.get("file") or sys.stderr
-    if getattr(fp, "isatty", lambda: False)():
+    if getattr(kw.get("file") or sys.stderr, "isatty", lambda: False)():
         return tqdm(iterable, **kw)
     return Lines(iterable, **{"mininterval": float(os.environ.get("TQDM_MININTERVAL", 30)), "ascii": True, **kw})
 
@@ -120,14 +114,11 @@ class ToyShapes(torch.utils.data.Dataset):
 
     def __init__(self, size=10_000, image_size=32, seed=0):
         self.size, self.image_size, self.seed = size, image_size, seed
+    def __len__(self): return self.size
 
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        label = i % 10
-        return torch.from_numpy(toy_image(label, rng, self.image_size)), label
+    def __getitem__(self, i):                                               # -> (image, label i % 10)
+        image = toy_image(i % 10, np.random.default_rng([self.seed, i]), self.image_size)
+        return torch.from_numpy(image), i % 10
 
 
 def toy_image(label, rng, n=32):
@@ -159,8 +150,7 @@ def toy_image(label, rng, n=32):
     fg, bg = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)
     if np.abs(fg - bg).sum() < 0.9:                             # keep the shape visible
         bg = np.where(fg > 0.5, fg - 0.6, fg + 0.6).clip(0, 1).astype(np.float32)
-    img = mask * fg + (1 - mask) * bg
-    return (img * 2 - 1).astype(np.float32)
+    return ((mask * fg + (1 - mask) * bg) * 2 - 1).astype(np.float32)
 
 
 class ToyClassifier(torch.nn.Module):
@@ -190,9 +180,8 @@ def toy_classifier(path, steps=300, device="cpu"):
         x, y = zip(*[ds[10_000 + 128 * k + i] for i in range(128)])
         x = torch.stack(x).to(device)
         x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g).to(device) < 0.5, x.flip(3), x)
-        loss = torch.nn.functional.cross_entropy(net(x), torch.tensor(y, device=device))
         opt.zero_grad()
-        loss.backward()
+        torch.nn.functional.cross_entropy(net(x), torch.tensor(y, device=device)).backward()
         opt.step()
     torch.save(net.state_dict(), path)
     return net.eval()
@@ -271,8 +260,7 @@ def folder_settings(data_dir, n=8):
 
 
 if __name__ == "__main__":                                    # read every item as training would; exit 1 if any fails
-    p = parser("List every unreadable image of a data set: python data.py --check --dataset D --data_dir DIR",
-               device=False)
+    p = parser(__doc__, device=False)
     p.add_argument("--dataset", default="toy", choices=["toy", *WHERE])
     p.add_argument("--data_dir", default=None)
     p.add_argument("--image_size", type=COUNT, default=32)
