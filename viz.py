@@ -8,15 +8,13 @@ import json
 import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")                      # headless
 import matplotlib.pyplot as plt
 import torch
 
 from checkpoint import load_model_and_data
 from data import COUNT, die, number, parser, script
 from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
+plt.switch_backend("Agg")                  # headless
 
 
 def project(v, P):
@@ -46,9 +44,8 @@ def save(fig, out):
 
 
 def sphere_axes(fig, pos, title):
-    ax = fig.add_subplot(*pos, projection="3d")
+    ax = fig.add_subplot(*pos, projection="3d", box_aspect=(1, 1, 1))
     ax.set_title(title, fontsize=9)
-    ax.set_box_aspect((1, 1, 1))
     ax.set_axis_off()
     return ax
 
@@ -156,15 +153,13 @@ def main(argv=None):
         die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
     model, targs, ds = load_model_and_data(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
-    torch.manual_seed(0)
-    vs, ys = [], []                                                         # v = f(E(x, y)) of n random images (Eq. 1)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.n].tolist()
-    for k in range(0, len(idx), 256):
-        x, y = zip(*[ds[i] for i in idx[k:k + 256]])
-        x, y = torch.stack(x).to(args.device), torch.tensor(y, device=args.device)
-        vs.append(spherify(model.encode(x, y if model.cfg.num_classes else None)).flatten(1).float().cpu())
-        ys.append(y.cpu())
+    vs, ys = [], []                                                         # v = f(E(x, y)) of n random images (Eq. 1)
+    for x, y in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=256):
+        vs.append(spherify(model.encode(x.to(args.device), y.to(args.device))).flatten(1).float().cpu())
+        ys.append(y)                                                        # (unconditional: encode ignores y)
     v, y = torch.cat(vs), torch.cat(ys)                                     # (n, L), (n,)
+    torch.manual_seed(0)
     prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
     stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
     for name, s in stats.items():
