@@ -93,17 +93,15 @@ def load_model_and_data(args):
     """viz.py, edit.py: model of --ckpt (EMA weights unless --raw_weights), its training args, the images of
     --dataset (default: the ckpt's)."""
     model, targs = load_model(args.ckpt, args.device, ema=not args.raw_weights)
-    ds, _ = build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
-                          model.cfg.image_size)
-    return model, targs, ds
+    return model, targs, build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
+                                       model.cfg.image_size)[0]
 
 
 def check_out_dir(args, params=0):
     """Fail early: --out_dir must be writable with room for a checkpoint (4 bytes x params x 3, 4 with EMA)."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out_dir):                      # a real write: root ignores chmod
-            pass
+        tempfile.TemporaryFile(dir=args.out_dir).close()                    # a real write: root ignores chmod
     except OSError as err:
         die(f"cannot write to --out_dir {args.out_dir!r}: {err.strerror or err}")
     need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
