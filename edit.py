@@ -26,8 +26,7 @@ def reconstruct(model, x, y=None):
 @torch.no_grad()
 def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):
     """Sec. 4 / Fig. 6: n x n bilinear grid between 4 noise corners, Algorithm 1 (no CFG): (n * n, C, H, W)."""
-    cfg = model.cfg
-    c = torch.randn(4, cfg.grid, cfg.grid, cfg.latent_dim, generator=generator, device=device)
+    c = torch.randn(4, model.cfg.grid, model.cfg.grid, model.cfg.latent_dim, generator=generator, device=device)
     t = torch.linspace(0, 1, n, device=device)
     u, w = t.view(n, 1, 1, 1, 1), t.view(1, n, 1, 1, 1)                     # rows, columns
     e = (1 - u) * (1 - w) * c[0] + (1 - u) * w * c[1] + u * (1 - w) * c[2] + u * w * c[3]
@@ -93,12 +92,11 @@ def main(argv=None):
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
         grid, nrow = corner_grid(model, alpha, y=args.target, generator=g, device=args.device), 8
     elif args.command == "crossover":                                        # stitched, then each round
-        xs = crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
-        grid, nrow = torch.cat([x[:1], x[1:2]] + xs), len(xs) + 2
+        xs = [x[:1], x[1:2]] + crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
+        grid, nrow = torch.cat(xs), len(xs)
     else:                                                                    # rows: input, then each round
-        y = torch.full((len(x),), args.target, device=args.device)
-        xs = manipulate(model, x, y, alpha, generator=g, **kw)
-        grid, nrow = torch.stack([x] + xs, 1).flatten(0, 1), len(xs) + 1
+        xs = [x] + manipulate(model, x, torch.full((len(x),), args.target, device=x.device), alpha, generator=g, **kw)
+        grid, nrow = torch.stack(xs, 1).flatten(0, 1), len(xs)
     save_image(grid * 0.5 + 0.5, out, nrow=nrow)
     print(f"wrote {out}")
 
