@@ -33,7 +33,8 @@ RULES = [                                                               # releas
 
 
 def infer_config(sd):
-    """A Config from the shapes of a released state dict (keys as released)."""
+    """A Config from the shapes of a released state dict (keys as released). An odd Mixer depth, token count or
+    pixel head surfaces in convert()'s key and shape checks."""
     def need(key):
         if key not in sd:
             raise DataError(f"not a released Sphere Encoder checkpoint: no key {key!r}")
@@ -48,7 +49,6 @@ def infer_config(sd):
         if w not in HEADS:
             raise DataError(f"{name} width {w} fits no released size (widths {sorted(HEADS)})")
     d = need("encoder.ffn.linear.weight").shape[0]
-    # an odd Mixer depth, token count or pixel head surfaces in convert()'s key and shape checks
     grid = math.isqrt(need("encoder.out.blocks.0.tok_mixer.mix.0.weight").shape[0])   # sqrt(latent tokens)
     pixel_head = "conv" if "decoder.out.4.weight" in sd else "linear"
     table = sd.get("encoder.y_embedder.embedding_table.weight")
@@ -78,11 +78,9 @@ def convert(released):
     for prefix, g in gates.items():
         out[prefix + ".a"] = torch.stack([g.get("1", torch.tensor(0.0)), g.get("2", torch.tensor(0.0))])
     ours = SphereEncoder(cfg).state_dict()
-    unknown = sorted(set(out) - set(ours))
-    if unknown:
+    if unknown := sorted(set(out) - set(ours)):
         raise DataError(f"released key maps to nothing here: {source[unknown[0]]} ({len(unknown)} such keys)")
-    missing = sorted(set(ours) - set(out))
-    if missing:
+    if missing := sorted(set(ours) - set(out)):
         raise DataError(f"the checkpoint lacks a weight for {missing[0]} ({len(missing)} missing)")
     for k, v in out.items():
         if v.shape != ours[k].shape:
