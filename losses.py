@@ -7,6 +7,7 @@
 Images in [-1, 1]; the distance sees [0, 1], LPIPS-VGG [-1, 1]. Optionally, as released, perceptual =
 (LPIPS + 0.1 ConvNeXt) / 1.1 with ConvNeXt-Small logits (`--convnext 0.1`). Tested by tests/test_losses.py.
 """
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,6 @@ def _offline_error(what, file, err, flag):
 
 def load_perceptual(w_convnext=0.0, pretrained=True):
     """The frozen perceptual loss (pretrained=False: random backbones, for tests and benchmarks only)."""
-    import warnings
-
     import lpips
     import torchvision
     try:
