@@ -19,10 +19,11 @@ from spherify import spherify, noisy_latents
 
 @dataclass
 class Config:
+    """Defaults: the quick start's model (make_config("tiny", "toy")); presets come from make_config."""
     image_size: int = 32
     channels: int = 3
-    patch_size: int = 4           # P: the latent grid is h x w = (H/P) x (W/P)
-    latent_dim: int = 32          # d: channels per latent token, L = h*w*d
+    patch_size: int = 8           # P: the latent grid is h x w = (H/P) x (W/P)
+    latent_dim: int = 128         # d: channels per latent token, L = h*w*d
     enc_width: int = 64
     enc_depth: int = 1
     enc_heads: int = 2
@@ -32,7 +33,7 @@ class Config:
     mlp_ratio: float = 4.0        # SwiGLU hidden = 2/3 * mlp_ratio * width
     mixer_depth: int = 2          # MLP-Mixer layers after the encoder ViT / before the decoder ViT
     num_classes: int = 10         # 0 = unconditional (no class table, no modulation)
-    pixel_head: str = "conv"      # "conv" (32px) or "linear" (256px), docs/reference.md Sec. 2
+    pixel_head: str = "linear"    # "conv" (CIFAR-10) or "linear" (256px, toy), docs/reference.md Sec. 2
 
     @property
     def grid(self): return self.image_size // self.patch_size            # h = w
