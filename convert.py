@@ -23,9 +23,8 @@ RULES = [                                                               # releas
     (r"\.tok_mixer\.mix\.", ".token_mix."), (r"\.chn_mixer\.mix\.", ".channel_mix."),
     (r"^encoder\.x_embedder\.0\.", "encoder.patch."), (r"^encoder\.x_embedder\.1\.", "encoder.proj."),  # convs
     (r"^decoder\.x_embedder\.0\.", "decoder.inp."),                      # the decoder's input Linear
-    (r"\.y_embedder\.embedding_table\.", ".vit.y_embed."),
+    (r"\.y_embedder\.embedding_table\.", ".vit.y_embed."), (r"\.adaLN_modulation\.1\.", ".ada.1."),
     (r"^(encoder|decoder)\.blocks\.", r"\1.vit.blocks."),               # norm1/2, attn.qkv/proj, mlp.w12/w3
-    (r"\.adaLN_modulation\.1\.", ".ada.1."),
     (r"\.ffn\.norm\.", ".vit.norm.norm."), (r"\.ffn\.ada\.", ".vit.norm.ada."),
     (r"\.ffn\.linear\.", ".out."),                                      # last Linear (width -> d / pixels)
     (r"^decoder\.out\.2\.", "decoder.conv.0."), (r"^decoder\.out\.4\.", "decoder.conv.2."),   # pixel-head convs
