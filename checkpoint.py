@@ -23,12 +23,13 @@ from model import Config, SphereEncoder
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
 
 
-def save_checkpoint(obj, path):
-    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError."""
+def save_checkpoint(obj, path, write=torch.save, what="checkpoint"):
+    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError.
+    write(obj, file) writes it: torch.save, or np.savez for sample.py's npz."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(obj, f)
             time.sleep(SAVE_DELAY)                                          # part of it is still buffered
             f.flush()
             os.fsync(f.fileno())
@@ -36,8 +37,8 @@ def save_checkpoint(obj, path):
     except OSError as err:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no checkpoint written yet"
-        raise DataError(f"cannot write checkpoint {path!r}: {err.strerror or err}; {kept}") from None
+        kept = f"the previous {what} is intact" if os.path.isfile(path) else f"no {what} written yet"
+        raise DataError(f"cannot write {what} {path!r}: {err.strerror or err}; {kept}") from None
 
 
 def read_checkpoint(path):

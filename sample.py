@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import save_image
 
-from checkpoint import load_model
+from checkpoint import load_model, save_checkpoint
 from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, progress,
                   script, toy_classifier)
 from parallel import init_distributed
@@ -82,19 +82,6 @@ def fidelity(samples, args, ref):
     except Exception as err:                                                # offline Inception download, ...
         raise DataError(f"torch-fidelity failed ({str(err).splitlines()[0]}). Offline, put the Inception weights "
                         f"weights-inception-2015-12-05-6726825d.pth somewhere and pass --inception_weights PATH") from None
-
-
-def write_npz(path, **arrays):
-    """np.savez through path.tmp and a rename: a kill never leaves a truncated npz; failure -> DataError."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise DataError(f"cannot write {path!r}: {err.strerror or err}") from None
 
 
 def frechet_distance(f1, f2):
@@ -229,7 +216,8 @@ def main(argv=None):
                 save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
         if args.npz:
             path = (args.npz[:-4] if args.npz.endswith(".npz") else args.npz) + suffix + ".npz"
-            write_npz(path, arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+            save_checkpoint(dict(arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()), path,   # atomic
+                            write=lambda arrays, f: np.savez(f, **arrays), what="npz")
             print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
         if args.toy_metrics:
             m = toy_scores(u8 / 255 * 2 - 1, labels, clf)
