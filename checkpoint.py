@@ -23,13 +23,13 @@ from model import Config, SphereEncoder
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
 
 
-def save_checkpoint(obj, path, write=torch.save, what="checkpoint"):
+def save_checkpoint(obj, path, write=None, what="checkpoint"):
     """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError.
     write(obj, file) writes it: torch.save, or np.savez for sample.py's npz."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            write(obj, f)
+            (write or torch.save)(obj, f)
             time.sleep(SAVE_DELAY)                                          # part of it is still buffered
             f.flush()
             os.fsync(f.fileno())
