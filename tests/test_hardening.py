@@ -141,15 +141,15 @@ def test_sigterm_saves_exits_3_and_resume_is_bit_identical(tmp_path):
 
 def test_a_second_run_never_replaces_the_first(tmp_path, capsys):
     out = str(tmp_path / "run")
-    train.main(FAST + ["--max_steps", "2", "--out_dir", out])
+    train.main(FAST + ["--max_steps", "1", "--sample_every", "5", "--out_dir", out])
     before = os.stat(os.path.join(out, "last.pt")).st_mtime_ns
     with pytest.raises(SystemExit) as exc:
-        train.main(FAST + ["--max_steps", "4", "--out_dir", out])
+        train.main(FAST + ["--max_steps", "2", "--out_dir", out])
     err = one_line_error(capsys, exc)
-    assert "already holds a run (last.pt at step 2)" in err and "--resume" in err and "--out_dir" in err
+    assert "already holds a run (last.pt at step 1)" in err and "--resume" in err and "--out_dir" in err
     assert os.stat(os.path.join(out, "last.pt")).st_mtime_ns == before
-    train.main(FAST + ["--max_steps", "4", "--out_dir", out, "--overwrite"])
-    assert checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 4
+    train.main(FAST + ["--max_steps", "2", "--sample_every", "5", "--out_dir", out, "--overwrite"])
+    assert checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 2
 
 
 def test_unwritable_out_dir_stops_before_the_first_step(tmp_path):

@@ -2,6 +2,7 @@
 checkpoints that move between FSDP and DDP, and bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,43 +29,37 @@ def losses(out):
         return [json.loads(line)["loss"] for line in f]
 
 
-def test_fsdp_matches_ddp_and_one_process(tmp_path):
-    out = {k: str(tmp_path / k) for k in ("fsdp", "ddp", "one")}
-    r = torchrun(2, 29611, "--fsdp", "--max_steps", "3", "--out_dir", out["fsdp"])
+@pytest.fixture(scope="module")
+def wrapped(tmp_path_factory):
+    """3 steps of 2-process FSDP and of DDP under CPU bf16 autocast (--precision bf16), same seeds and data."""
+    out = {k: str(tmp_path_factory.mktemp(k)) for k in ("fsdp", "ddp")}
+    for port, k in ((29611, "fsdp"), (29612, "ddp")):
+        r = torchrun(2, port, "--precision", "bf16", "--max_steps", "3", "--out_dir", out[k], *["--fsdp"] * (k == "fsdp"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_fsdp_and_ddp_train_the_same_numerics(wrapped, tmp_path):
+    """FSDP's units keep their inputs' dtype, so under bf16 autocast its residual streams stay fp32 as under DDP:
+    the same losses and weights up to bf16 rounding and the order of float sums."""
+    one = str(tmp_path / "one")
+    r = run("train.py", *FAST, "--max_steps", "3", "--out_dir", one)
     assert r.returncode == 0, r.stderr[-2000:]
-    for r in (torchrun(2, 29612, "--max_steps", "3", "--out_dir", out["ddp"]),
-              run("train.py", *FAST, "--max_steps", "3", "--out_dir", out["one"])):
-        assert r.returncode == 0, r.stderr[-2000:]
-    fsdp, ddp, one = losses(out["fsdp"]), losses(out["ddp"]), losses(out["one"])
-    # same ranks, seeds and data: FSDP differs from DDP only in the order of float sums
-    assert fsdp == pytest.approx(ddp, rel=1e-4)
-    # one process draws its noise from one RNG instead of two: equal only statistically (batch 8)
-    assert fsdp == pytest.approx(one, rel=0.3)
-    a = torch.load(os.path.join(out["fsdp"], "last.pt"), weights_only=True)
-    b = torch.load(os.path.join(out["ddp"], "last.pt"), weights_only=True)
-    assert a["model"].keys() == b["model"].keys()                                # full, unsharded state dicts
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
+    fsdp, ddp = losses(wrapped["fsdp"]), losses(wrapped["ddp"])
+    assert fsdp == pytest.approx(ddp, rel=2e-2)
+    # one process draws its noise from one RNG instead of two, in fp32: equal only statistically (batch 8)
+    assert fsdp == pytest.approx(losses(one), rel=0.3)
+    a, b = (torch.load(os.path.join(wrapped[k], "last.pt"), weights_only=True)["model"] for k in ("fsdp", "ddp"))
+    assert a.keys() == b.keys()                                                  # full, unsharded state dicts
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-2, atol=1e-4)
 
 
-def test_fsdp_and_ddp_train_the_same_numerics_under_bf16_autocast(tmp_path):
-    """CPU bf16 autocast (--precision bf16): FSDP's units keep their inputs' dtype, so the residual streams stay
-    fp32 and both wrappers compute the same step, up to bf16 rounding."""
-    out = {k: str(tmp_path / k) for k in ("fsdp", "ddp")}
-    for port, k in ((29621, "fsdp"), (29622, "ddp")):
-        r = torchrun(2, port, "--precision", "bf16", "--max_steps", "3", "--out_dir", out[k], *(["--fsdp"] * (k == "fsdp")))
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert losses(out["fsdp"]) == pytest.approx(losses(out["ddp"]), rel=2e-2)
-
-
-def test_checkpoints_move_between_fsdp_and_ddp(tmp_path):
-    f, d = str(tmp_path / "f"), str(tmp_path / "d")
-    for r in (torchrun(2, 29613, "--fsdp", "--max_steps", "2", "--out_dir", f),
-              torchrun(2, 29614, "--max_steps", "2", "--out_dir", d)):
-        assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun(2, 29615, "--max_steps", "3", "--out_dir", f, "--resume")          # FSDP -> DDP
+def test_checkpoints_move_between_fsdp_and_ddp(wrapped, tmp_path):
+    f, d = (shutil.copytree(wrapped[k], str(tmp_path / k)) for k in ("fsdp", "ddp"))
+    r = torchrun(2, 29615, "--max_steps", "4", "--out_dir", f, "--resume")          # FSDP -> DDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
-    r = torchrun(2, 29616, "--fsdp", "--max_steps", "3", "--out_dir", d, "--resume")  # DDP -> FSDP
+    r = torchrun(2, 29616, "--fsdp", "--max_steps", "4", "--out_dir", d, "--resume")  # DDP -> FSDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     r = run("sample.py", "--ckpt", os.path.join(f, "last.pt"), "--steps", "2", "--n", "4",
             "--out", str(tmp_path / "s.png"))
