@@ -1,14 +1,12 @@
 """The memory plan (parallel.py): its activation count against the tensors torch itself saves for backward,
 and the plans of the headline GPU commands."""
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from conftest import ROOT
+import train
 from losses import LossWeights, sphere_losses
 from model import Block, MixerBlock, SphereEncoder, make_config
 from parallel import activation_bytes
@@ -53,17 +51,22 @@ def test_activation_estimate_matches_the_saved_tensors(cfg, bf16, grad_ckpt):
     assert est == pytest.approx(per_image, rel=0.15)
 
 
+def dry_run(flags, capsys):
+    """train.py --dry_run in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "imagenet", "--dry_run", "--gpus", "8", "--gpu_mem", "80", *flags])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
 @pytest.mark.parametrize("flags", [["--model", "L"], ["--model", "XL", "--fsdp"]])
-def test_headline_plans_fit_8_gpus_of_80_gb(flags):
-    r = subprocess.run([sys.executable, "train.py", "--dataset", "imagenet", *flags, "--dry_run", "--gpus", "8",
-                        "--gpu_mem", "80"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    plan = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split()[1:])
+def test_headline_plans_fit_8_gpus_of_80_gb(flags, capsys):
+    code, out, err = dry_run(flags, capsys)
+    assert code == 0, err
+    plan = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split()[1:])
     assert int(plan["micro_batch"]) * int(plan["grad_accum"]) == 32 and float(plan["est_gb"]) <= 0.85 * 80
 
 
-def test_a_plan_that_cannot_fit_stops_with_what_would():
-    r = subprocess.run([sys.executable, "train.py", "--dataset", "imagenet", "--model", "L", "--dry_run", "--gpus", "8",
-                        "--gpu_mem", "80", "--grad_accum", "1", "--no-grad_ckpt"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2 and "try --grad_accum 4 --no-grad_ckpt" in r.stderr and "Traceback" not in r.stderr
+def test_a_plan_that_cannot_fit_stops_with_what_would(capsys):
+    code, out, err = dry_run(["--model", "L", "--grad_accum", "1", "--no-grad_ckpt"], capsys)
+    assert code == 2 and "try --grad_accum 4 --no-grad_ckpt" in err and "Traceback" not in err

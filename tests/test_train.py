@@ -126,24 +126,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     (["--epochs", "nan"], "argument --epochs: must be a number > 0"),
     (["--batch_size", "6", "--grad_accum", "4"], "multiple of"),
 ])
-def test_bad_input_exits_2_with_one_line(args, message):
-    r = run("train.py", *args)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr and message in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
+    assert message in train_error(args + ["--out_dir", str(tmp_path / "out")], capsys)
 
 
-def test_corrupt_checkpoint_exits_2(tmp_path):
+def train_error(argv, capsys):
+    """train.main(argv) must stop with exit 2 and one line on stderr, no traceback: that line."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if "it/s]" not in line)
+    assert exc.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_corrupt_checkpoint_exits_2(tmp_path, capsys):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
-    r = run("train.py", "--resume", "--out_dir", str(tmp_path))
-    assert r.returncode == 2 and "is not a PyTorch checkpoint (not a zip archive" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "is not a PyTorch checkpoint (not a zip archive" in train_error(["--resume", "--out_dir", str(tmp_path)],
+                                                                            capsys)
 
 
-def test_empty_image_folder_exits_2(tmp_path):
+def test_empty_image_folder_exits_2(tmp_path, capsys):
     (tmp_path / "cls_a").mkdir()
-    r = run("train.py", "--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32")
-    assert r.returncode == 2 and "not a folder of class subfolders of images" in r.stderr and "Traceback" not in r.stderr
+    err = train_error(["--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32"], capsys)
+    assert "not a folder of class subfolders of images" in err
 
 
 def test_lr_schedule_as_released():
