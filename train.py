@@ -59,8 +59,9 @@ def folder_defaults(args):
     name = "CIFAR-10's" if like == "cifar10" else "Flowers'"
     taken = ", ".join(f"--{k} {defaults[k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
                       if getattr(args, k) is None)
-    print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{found['image_size']}px -> "
-          f"{name} settings at {size}px: {taken} (each a flag)", flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:                                # torchrun: one line, not one per GPU
+        print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{found['image_size']}px -> "
+              f"{name} settings at {size}px: {taken} (each a flag)", flush=True)
     return defaults
 
 
