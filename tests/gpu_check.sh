@@ -19,8 +19,8 @@ MICRO=$(sed -E 's/.*micro_batch=([0-9]+).*/\1/' <<< "$PLAN")
 CKPT=$(sed -E 's/.*grad_ckpt=(on|off).*/\1/' <<< "$PLAN")
 EST=$(sed -E 's/.*est_gb=([0-9.]+).*/\1/' <<< "$PLAN")
 timeout 300 $PY bench.py --model L --dataset imagenet --batch_size "$MICRO" --perceptual --compile --iters 5 \
-    $([ "$CKPT" = on ] && echo --grad_ckpt) | tee "$OUT/bench.txt"
-timeout 120 $PY -m pytest -q tests/test_gpu.py | tee "$OUT/tests.txt"
+    $([ "$CKPT" = on ] && echo --grad_ckpt) | tee "$OUT/bench.txt" || echo "bench.py failed: see above"
+timeout 120 $PY -m pytest -q tests/test_gpu.py | tee "$OUT/tests.txt" || echo "CUDA tests failed: see above"
 timeout 120 $PY -m torch.distributed.run --nproc_per_node=1 train.py --device cuda --max_steps 40 --log_every 10 \
     --out_dir "$OUT/nccl" | tee "$OUT/nccl.txt"
 timeout 60 $PY -m torch.distributed.run --nproc_per_node=1 sample.py --ckpt "$OUT/nccl/last.pt" --num_samples 512 \
@@ -33,7 +33,7 @@ bench, tests = open(f"{out}/bench.txt").read(), open(f"{out}/tests.txt").read()
 find = lambda pat, text: (re.findall(pat, text) or ["?"])
 img_s, mem = find(r"train: ([\d.]+) img/s", bench), find(r"peak memory ([\d.]+) GiB", bench)
 mfu, samp = find(r"MFU vs bf16 peak ([\d.]+%)", bench), find(r"4 step\(s\) ([\d.]+)", bench)
-npz = np.load(f"{out}/samples.npz")["arr_0"]
+npz = np.load(f"{out}/samples.npz")["arr_0"]                 # the NCCL runs above must have passed (set -e)
 print(f"\n| GPU | Sphere-L 256px step ({plan[6:]}) | eager img/s | compiled img/s | MFU eager / compiled "
       f"| peak GiB (plan: {est} GB) | 4-step sampling img/s | CUDA tests | torchrun NCCL train + sample |")
 print("|---|---|---|---|---|---|---|---|---|")
