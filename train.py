@@ -269,24 +269,24 @@ def save_grids(model, x, args, step, device, n=8):
 
 
 class Grids:
-    """The grids' model on rank 0: EMA or the model; under FSDP a full copy, built once on the CPU and loaded from
-    the gathered weights (the checkpoint's gather when both fall on one step), on the GPU while it samples."""
+    """The grids on rank 0, from the EMA or the model; under FSDP from a full copy built on `meta` and given the
+    gathered weights (the checkpoint's gather when both fall on one step) and the model's constant buffers."""
     def __init__(self, model, ema, cfg, args, master, device):
         self.model, self.ema, self.cfg, self.args, self.master, self.device = model, ema, cfg, args, master, device
-        if args.fsdp and master:
-            with torch.random.fork_rng(devices=[]):                        # leaves the training noise as it is
-                self.copy = SphereEncoder(cfg)
 
     def __call__(self, x, step, sd=None):
-        if self.args.fsdp:
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            sd = sd if sd is not None else get_model_state_dict(self.model, options=full)   # collective
-            if self.master:
-                self.copy.load_state_dict(sd)
-                save_grids(self.copy.to(self.device), x, self.args, step, self.device)
-                self.copy.to("cpu")
-        elif self.master:
-            save_grids(self.ema or self.model, x, self.args, step, self.device)
+        if not self.args.fsdp:
+            return self.master and save_grids(self.ema or self.model, x, self.args, step, self.device)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = sd if sd is not None else get_model_state_dict(self.model, options=full)   # collective
+        if self.master:
+            with torch.device("meta"), torch.random.fork_rng(devices=[]):   # no init, no training noise drawn
+                copy = SphereEncoder(self.cfg)
+            copy.load_state_dict(sd, assign=True)
+            for name, buf in self.model.named_buffers():                    # positions, RoPE: not sharded
+                module, _, attr = name.rpartition(".")
+                setattr(copy.get_submodule(module), attr, buf)
+            save_grids(copy.to(self.device), x, self.args, step, self.device)
 
 
 def micro_batches(data, args, ds, bad, bar, device):

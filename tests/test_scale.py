@@ -3,6 +3,7 @@ checkpoints that move between FSDP and DDP, and bad input."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -17,14 +18,21 @@ pytestmark = pytest.mark.xdist_group("scale")                    # one worker: t
 FAST = ["--batch_size", "8", "--log_every", "1", "--sample_every", "1000", "--ckpt_every", "1000", "--device", "cpu"]
 
 
-def run(*args, port=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args] if port else [sys.executable, *args]
+def run(*args, distributed=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args] if distributed else [sys.executable, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def torchrun(n, port, *args):
-    return run(f"--nproc_per_node={n}", f"--master_port={port}", "train.py", *FAST, *args, port=port)
+def free_port():
+    """A port no process listens on now: module fixtures may run again, and a port just closed can still be taken."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n, *args):
+    return run(f"--nproc_per_node={n}", f"--master_port={free_port()}", "train.py", *FAST, *args, distributed=True)
 
 
 def losses(out):
@@ -36,8 +44,8 @@ def losses(out):
 def wrapped(tmp_path_factory):
     """3 steps of 2-process FSDP and of DDP under CPU bf16 autocast (--precision bf16), same seeds and data."""
     out = {k: str(tmp_path_factory.mktemp(k)) for k in ("fsdp", "ddp")}
-    for port, k in ((29611, "fsdp"), (29612, "ddp")):
-        r = torchrun(2, port, "--precision", "bf16", "--max_steps", "3", "--out_dir", out[k], *["--fsdp"] * (k == "fsdp"))
+    for k in ("fsdp", "ddp"):
+        r = torchrun(2, "--precision", "bf16", "--max_steps", "3", "--out_dir", out[k], *["--fsdp"] * (k == "fsdp"))
         assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -60,9 +68,9 @@ def test_fsdp_and_ddp_train_the_same_numerics(wrapped, tmp_path):
 
 def test_checkpoints_move_between_fsdp_and_ddp(wrapped, tmp_path):
     f, d = (shutil.copytree(wrapped[k], str(tmp_path / k)) for k in ("fsdp", "ddp"))
-    r = torchrun(2, 29615, "--max_steps", "4", "--out_dir", f, "--resume")          # FSDP -> DDP
+    r = torchrun(2, "--max_steps", "4", "--out_dir", f, "--resume")          # FSDP -> DDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
-    r = torchrun(2, 29616, "--fsdp", "--max_steps", "4", "--out_dir", d, "--resume")  # DDP -> FSDP
+    r = torchrun(2, "--fsdp", "--max_steps", "4", "--out_dir", d, "--resume")  # DDP -> FSDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     r = run("sample.py", "--ckpt", os.path.join(f, "last.pt"), "--steps", "2", "--n", "4",
             "--out", str(tmp_path / "s.png"))
@@ -71,15 +79,16 @@ def test_checkpoints_move_between_fsdp_and_ddp(wrapped, tmp_path):
 
 def test_two_node_launch_on_one_machine_equals_one_launch(tmp_path):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    endpoint = f"127.0.0.1:{free_port()}"
     node = lambda i: subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
-         "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29617", "--rdzv_id", "test", "train.py", *FAST,
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "test", "train.py", *FAST,
          "--max_steps", "2", "--out_dir", two], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     nodes = [node(0), node(1)]
     for p in nodes:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
-    r = torchrun(2, 29618, "--max_steps", "2", "--out_dir", one)
+    r = torchrun(2, "--max_steps", "2", "--out_dir", one)
     assert r.returncode == 0, r.stderr[-2000:]
     a = torch.load(os.path.join(two, "last.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(one, "last.pt"), weights_only=True)["model"]
