@@ -11,13 +11,14 @@ import torch
 import torch.distributed as dist
 
 from data import DataError, die
-from model import SphereEncoder
+from model import Block, MixerBlock, SphereEncoder
 
 
 def init_distributed(device, timeout_s=7200):
-    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE -> (world, rank, device), a process group under torchrun; TF32 on. `cuda` means this
-    process's GPU (cuda:LOCAL_RANK); an explicit cuda:N is kept in a single process. timeout_s bounds
-    how long a rank waits in a collective (NCCL's default, 10 min, is shorter than rank 0's slow writes)."""
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE -> (world, rank, device), and a process group under torchrun;
+    TF32 on. `cuda` means this process's GPU (cuda:LOCAL_RANK); an explicit cuda:N is kept in a single process.
+    timeout_s bounds how long a rank waits in a collective (NCCL's default, 10 min, is shorter than rank 0's
+    slow writes)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -46,7 +47,7 @@ def shard(model, device, world, compile_blocks=False, bf16=None):
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
     if compile_blocks:
         for m in model.modules():
-            if type(m).__name__ in ("Block", "MixerBlock"):
+            if isinstance(m, (Block, MixerBlock)):
                 m.compile()
     for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
@@ -130,12 +131,12 @@ def fit_to_gpu(args, cfg, world, device):
     """train.py: fit a step to the GPU (memory_plan): micro-batch, --grad_accum, --grad_ckpt; flags given win.
     Prints the plan (--dry_run: part by part, then exits); a plan that cannot fit stops here, saying what would."""
     gpus, gpu = args.gpus or world, device.startswith("cuda")
-    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if gpu else 80.0)
+    if args.batch_size % (gpus * (args.grad_accum or 1)):
+        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {gpus * (args.grad_accum or 1)}")
     if not (gpu or args.dry_run):                                           # CPU: one micro-batch, no recompute
         args.grad_accum, args.grad_ckpt = args.grad_accum or 1, bool(args.grad_ckpt)
         return
-    if args.batch_size % gpus or (args.grad_accum and (args.batch_size // gpus) % args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {gpus * (args.grad_accum or 1)}")
+    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if gpu else 80.0)
     with torch.device("meta"):
         params = SphereEncoder(cfg).num_params()
     perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0,

@@ -178,9 +178,7 @@ def setup_data(args, ckpt, world, device):
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
     if cfg.image_size % cfg.patch_size:
         die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
-    fit_to_gpu(args, cfg, world, device)
-    if args.batch_size % (world * args.grad_accum):
-        die(f"--batch_size {args.batch_size} must be a multiple of GPUs x --grad_accum = {world * args.grad_accum}")
+    fit_to_gpu(args, cfg, world, device)                                    # sets --grad_accum, --grad_ckpt
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
         die(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}")
@@ -268,25 +266,21 @@ def save_grids(model, x, args, step, device, n=8):
     model.train(was_training)
 
 
-class Grids:
+def grids(model, ema, x, args, step, device, master, sd=None):
     """The grids on rank 0, from the EMA or the model; under FSDP from a full copy built on `meta` and given the
     gathered weights (the checkpoint's gather when both fall on one step) and the model's constant buffers."""
-    def __init__(self, model, ema, cfg, args, master, device):
-        self.model, self.ema, self.cfg, self.args, self.master, self.device = model, ema, cfg, args, master, device
-
-    def __call__(self, x, step, sd=None):
-        if not self.args.fsdp:
-            return self.master and save_grids(self.ema or self.model, x, self.args, step, self.device)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd = sd if sd is not None else get_model_state_dict(self.model, options=full)   # collective
-        if self.master:
-            with torch.device("meta"), torch.random.fork_rng(devices=[]):   # no init, no training noise drawn
-                copy = SphereEncoder(self.cfg)
-            copy.load_state_dict(sd, assign=True)
-            for name, buf in self.model.named_buffers():                    # positions, RoPE: not sharded
-                module, _, attr = name.rpartition(".")
-                setattr(copy.get_submodule(module), attr, buf)
-            save_grids(copy.to(self.device), x, self.args, step, self.device)
+    if not args.fsdp:
+        return master and save_grids(ema or model, x, args, step, device)
+    sd = sd if sd is not None else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))  # collective
+    if master:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):       # no init, no training noise drawn
+            copy = SphereEncoder(model.cfg)
+        copy.load_state_dict(sd, assign=True)
+        for name, buf in model.named_buffers():                             # positions, RoPE: not sharded
+            module, _, attr = name.rpartition(".")
+            setattr(copy.get_submodule(module), attr, buf)
+        save_grids(copy.to(device), x, args, step, device)
 
 
 def micro_batches(data, args, ds, bad, bar, device):
@@ -412,7 +406,7 @@ def main(argv=None):
     bar = progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
-    grids, signals = Grids(model, ema, cfg, args, master, device), StopSignal()   # before the loader's workers
+    signals = StopSignal()                                                  # before the loader's workers start
     model.train()
     try:
         while step < max_steps:
@@ -445,7 +439,7 @@ def main(argv=None):
                 stop(f"stopped by {signals.got or 'a signal on another rank'} at step {step}; {checkpointer.path} "
                      f"written: continue with --resume --out_dir {args.out_dir}", code=PREEMPTED)
             if due(args.sample_every):
-                grids(x, step, sd)
+                grids(model, ema, x, args, step, device, master, sd)
     finally:
         signals.restore()
     bar.close()
