@@ -209,6 +209,13 @@ WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",             #
          "imagenet": "a train/ subfolder of class folders of images", "folder": "class subfolders of images"}
 
 
+def resize_crop(image_size):
+    """Training's resize (short side; nearest up to 64px, else bicubic [released]) and center crop (Sec. 3)."""
+    from torchvision import transforms as T
+    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC
+    return [T.Resize(image_size, interpolation=mode, antialias=True), T.CenterCrop(image_size)]
+
+
 def build_dataset(name, data_dir=None, image_size=32, unconditional=False, download=False):
     """The training set for `name`. Returns (dataset, num_classes); num_classes 0 = unconditional."""
     from torchvision import datasets, transforms as T
@@ -216,9 +223,7 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
         raise DataError(f"unknown dataset {name!r}")
     if name != "toy" and not download and not (data_dir and os.path.isdir(data_dir)):
         raise DataError(f"{name} expected in a folder ({WHERE[name]}), but --data_dir {data_dir!r} is not a folder")
-    mode = T.InterpolationMode.NEAREST if image_size <= 64 else T.InterpolationMode.BICUBIC   # [released]
-    tf = T.Compose([T.Resize(image_size, interpolation=mode, antialias=True), T.CenterCrop(image_size),  # Sec. 3
-                    T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])                                  # -> [-1, 1]
+    tf = T.Compose([*resize_crop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])  # -> [-1, 1]
     try:
         if name == "toy":
             ds = ToyShapes(image_size=image_size)

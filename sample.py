@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 
 from checkpoint import load_model, save_checkpoint
 from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, progress,
-                  script, toy_classifier)
+                  resize_crop, script, toy_classifier)
 from parallel import init_distributed
 from spherify import generate, sigma_max, spherify
 
@@ -54,8 +54,7 @@ def reference(ref, train_args, size):
     if os.path.isdir(ref):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(ref, followlinks=True) for f in fs
                        if f.lower().endswith(IMG_EXTENSIONS))
-        mode = T.InterpolationMode.NEAREST if size <= 64 else T.InterpolationMode.BICUBIC   # as data.build_dataset
-        ds = Images(files, T.Compose([T.Resize(size, mode, antialias=True), T.CenterCrop(size), T.PILToTensor()]))
+        ds = Images(files, T.Compose([*resize_crop(size), T.PILToTensor()]))   # as training, uint8
     elif ref.endswith(".npz") and os.path.isfile(ref):
         try:
             x = np.load(ref)["arr_0"]
