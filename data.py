@@ -56,8 +56,7 @@ def int_list(text):
 
 
 def number(lo, hi=None, cast=float, lo_open=False, hi_open=False):
-    """An argparse type: a finite number (an integer for cast=int) in [lo, hi], an open end ( or ), no hi: >= lo;
-    else argparse's one-line error naming the flag, like: must be a number in (0, 90), got '95'."""
+    """An argparse type: a finite number (int for cast=int) in [lo, hi] (lo_open, hi_open: open ends; no hi: >= lo)."""
     what, left, right = "an integer" if cast is int else "a number", "(["[not lo_open], ")]"[not hi_open]
     what += f" {'>' if lo_open else '>='} {lo}" if hi is None else f" in {left}{lo}, {hi}{right}"
     def parse(text):
@@ -116,58 +115,51 @@ class ToyShapes(torch.utils.data.Dataset):
         self.size, self.image_size, self.seed = size, image_size, seed
     def __len__(self): return self.size
 
-    def __getitem__(self, i):                                               # -> (image, label i % 10)
-        image = toy_image(i % 10, np.random.default_rng([self.seed, i]), self.image_size)
-        return torch.from_numpy(image), i % 10
+    def __getitem__(self, i):
+        """(image (3, n, n) in [-1, 1], label i % 10): two colours mixed by an anti-aliased signed-distance mask."""
+        rng, n = np.random.default_rng([self.seed, i]), self.image_size
+        y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+        cx, cy = rng.uniform(0.35, 0.65, 2) * n                     # shape centre
+        r = rng.uniform(0.18, 0.32) * n                             # shape size
+        t = rng.uniform(0.06, 0.1) * n                              # stroke thickness
+        p = rng.uniform(0.15, 0.3) * n                              # texture period
+        ph = rng.uniform(0, 2 * math.pi)                            # texture phase
+        dx, dy = x - cx, y - cy
+        wave = lambda u: np.sin(2 * math.pi * u / p + ph) * p / math.pi   # ~ signed distance to a stripe edge
+        sdf = {
+            0: lambda: np.hypot(dx, dy) - r,                                        # disc
+            1: lambda: np.maximum(abs(dx), abs(dy)) - 0.85 * r,                     # square
+            2: lambda: np.maximum(np.maximum(-dy - r / 2,                           # triangle: 3 half-planes
+                                             (np.sqrt(3) * dx + dy) / 2 - r / 2), (-np.sqrt(3) * dx + dy) / 2 - r / 2),
+            3: lambda: abs(np.hypot(dx, dy) - r) - t,                               # ring
+            4: lambda: np.minimum(np.maximum(abs(dx) - r, abs(dy) - t),             # cross
+                                  np.maximum(abs(dx) - t, abs(dy) - r)),
+            5: lambda: -wave(y),                                                    # horizontal stripes
+            6: lambda: -wave(x),                                                    # vertical stripes
+            7: lambda: -np.sign(np.sin(2 * math.pi * x / p + ph) * np.sin(2 * math.pi * y / p + ph))
+                       * np.minimum(abs(wave(x)), abs(wave(y))),                    # checkerboard
+            8: lambda: -wave((x + y) / math.sqrt(2)),                               # diagonal stripes
+            9: lambda: np.hypot((x - cx + p / 2) % p - p / 2, (y - cy + p / 2) % p - p / 2) - p / 4,  # dots
+        }[i % 10]()
+        mask = np.clip(0.5 - sdf, 0, 1)[None]                       # (1, n, n): 1 inside, 0 outside
+        fg, bg = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)
+        if np.abs(fg - bg).sum() < 0.9:                             # keep the shape visible
+            bg = np.where(fg > 0.5, fg - 0.6, fg + 0.6).clip(0, 1).astype(np.float32)
+        return torch.from_numpy(((mask * fg + (1 - mask) * bg) * 2 - 1).astype(np.float32)), i % 10
 
 
-def toy_image(label, rng, n=32):
-    """One toy image (3, n, n) in [-1, 1]: two colours mixed by an anti-aliased signed-distance mask."""
-    y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
-    cx, cy = rng.uniform(0.35, 0.65, 2) * n                     # shape centre
-    r = rng.uniform(0.18, 0.32) * n                             # shape size
-    t = rng.uniform(0.06, 0.1) * n                              # stroke thickness
-    p = rng.uniform(0.15, 0.3) * n                              # texture period
-    ph = rng.uniform(0, 2 * math.pi)                            # texture phase
-    dx, dy = x - cx, y - cy
-    wave = lambda u: np.sin(2 * math.pi * u / p + ph) * p / math.pi   # ~ signed distance to a stripe edge
-    sdf = {
-        0: lambda: np.hypot(dx, dy) - r,                                        # disc
-        1: lambda: np.maximum(abs(dx), abs(dy)) - 0.85 * r,                     # square
-        2: lambda: np.maximum(np.maximum(-dy - r / 2,                           # triangle: 3 half-planes
-                                         (np.sqrt(3) * dx + dy) / 2 - r / 2), (-np.sqrt(3) * dx + dy) / 2 - r / 2),
-        3: lambda: abs(np.hypot(dx, dy) - r) - t,                               # ring
-        4: lambda: np.minimum(np.maximum(abs(dx) - r, abs(dy) - t),             # cross
-                              np.maximum(abs(dx) - t, abs(dy) - r)),
-        5: lambda: -wave(y),                                                    # horizontal stripes
-        6: lambda: -wave(x),                                                    # vertical stripes
-        7: lambda: -np.sign(np.sin(2 * math.pi * x / p + ph) * np.sin(2 * math.pi * y / p + ph))
-                   * np.minimum(abs(wave(x)), abs(wave(y))),                    # checkerboard
-        8: lambda: -wave((x + y) / math.sqrt(2)),                               # diagonal stripes
-        9: lambda: np.hypot((x - cx + p / 2) % p - p / 2, (y - cy + p / 2) % p - p / 2) - p / 4,  # dots
-    }[label]()
-    mask = np.clip(0.5 - sdf, 0, 1)[None]                       # (1, n, n): 1 inside, 0 outside
-    fg, bg = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)
-    if np.abs(fg - bg).sum() < 0.9:                             # keep the shape visible
-        bg = np.where(fg > 0.5, fg - 0.6, fg + 0.6).clip(0, 1).astype(np.float32)
-    return ((mask * fg + (1 - mask) * bg) * 2 - 1).astype(np.float32)
-
-
-class ToyClassifier(torch.nn.Module):
-    """A small CNN for the toy classes, sample.py's offline stand-in for Inception: body(x) = features (B, 128)."""
+class ToyClassifier(torch.nn.Sequential):
+    """A small CNN for the toy classes, sample.py's offline stand-in for Inception: head(body(x)), body = features."""
     def __init__(self):
         super().__init__()
-        conv = lambda i, o: torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, 2, 1), torch.nn.GroupNorm(8, o), torch.nn.SiLU())
-        self.body = torch.nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.head = torch.nn.Linear(128, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
+        nn = torch.nn
+        conv = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, 2, 1), nn.GroupNorm(8, o), nn.SiLU())
+        self.body = nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, 10)
 
 
 def toy_classifier(path, steps=300, device="cpu"):
-    """The toy classifier (the same for every run: seeded), trained once (~30 s on CPU, on toy images
-    10000+, unseen in training), cached at path."""
+    """The toy classifier, seeded: trained once (~30 s, CPU) on toy images 10000+ (unseen in training), cached."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = ToyClassifier().to(device)
@@ -177,11 +169,10 @@ def toy_classifier(path, steps=300, device="cpu"):
     g = torch.Generator().manual_seed(0)
     ds, opt = ToyShapes(size=10_000 + 128 * steps), torch.optim.Adam(net.parameters(), lr=2e-3)
     for k in range(steps):
-        x, y = zip(*[ds[10_000 + 128 * k + i] for i in range(128)])
-        x = torch.stack(x).to(device)
-        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g).to(device) < 0.5, x.flip(3), x)
+        x, y = torch.utils.data.default_collate([ds[10_000 + 128 * k + i] for i in range(128)])   # (128, 3, 32, 32)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)            # h-flip half
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), torch.tensor(y, device=device)).backward()
+        torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device)).backward()
         opt.step()
     torch.save(net.state_dict(), path)
     return net.eval()
@@ -246,10 +237,9 @@ def folder_settings(data_dir, n=8):
     """What an ImageFolder tree (class subfolders) holds: {image_size: the median short side of n images
     spread over it, num_classes, num_images}. DataError (one line) when none of those n can be read."""
     from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
     try:
-        classes, index = find_classes(data_dir)
-        files = make_dataset(data_dir, index, IMG_EXTENSIONS)
+        files = make_dataset(data_dir, extensions=IMG_EXTENSIONS)           # [(path, class)]: sorted, no empty class
     except OSError as err:                                                  # no folder, no class folders or images
         raise DataError(f"{data_dir!r} is not a folder of class subfolders of images ({err})") from None
     sides, why = [], ""
@@ -261,7 +251,7 @@ def folder_settings(data_dir, n=8):
             why = why or f"{path}: {type(err).__name__}"
     if not sides:
         raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be read (first: {why})")
-    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=len(classes), num_images=len(files))
+    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=files[-1][1] + 1, num_images=len(files))
 
 
 if __name__ == "__main__":                                    # read every item as training would; exit 1 if any fails
