@@ -26,15 +26,12 @@ POST_DELAY = float(os.environ.get("SPHERE_POST_DELAY", 0))   # tests: rank 0's w
 
 
 class Images(torch.utils.data.Dataset):
-    """What torch-fidelity reads, uint8 images (3, H, W), from a uint8 tensor (N, 3, H, W), a training set
-    ((image in [-1, 1], label) items) or image files (read through tf)."""
-    def __init__(self, items, tf=None): self.items, self.tf = items, tf
+    """torch-fidelity's input, uint8 (3, H, W): from uint8 (N, 3, H, W) or a training set ((x in [-1, 1], y) items)."""
+    def __init__(self, items): self.items = items
     def __len__(self): return len(self.items)
 
     def __getitem__(self, i):
         x = self.items[i]
-        if isinstance(x, str):
-            return self.tf(Image.open(x).convert("RGB"))
         x = x[0] if isinstance(x, tuple) else x
         return x if x.dtype == torch.uint8 else (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
 
@@ -46,15 +43,16 @@ def cache_name(kind, path, image_size, count):
 
 
 def reference(ref, train_args, size):
-    """FID reference as (Images of (3, size, size), cache name): --ref, an ADM .npz batch (arr_0, uint8 NHWC) or
+    """FID reference as (uint8 images (3, size, size), cache name): --ref, an ADM .npz batch (arr_0, uint8 NHWC) or
     an image folder tree (any depth and sizes; resized and center-cropped as in training), else the training set."""
     if ref is None:
         ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), size)
         return Images(ds), cache_name(train_args["dataset"], train_args.get("data_dir"), size, len(ds))
     if os.path.isdir(ref):
+        from torch_fidelity.datasets import ImagesPathDataset                  # reads a list of files as RGB
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(ref, followlinks=True) for f in fs
                        if f.lower().endswith(IMG_EXTENSIONS))
-        ds = Images(files, T.Compose([*resize_crop(size), T.PILToTensor()]))   # as training, uint8
+        ds = ImagesPathDataset(files, T.Compose([*resize_crop(size), T.PILToTensor()]))   # as training, uint8
     elif ref.endswith(".npz") and os.path.isfile(ref):
         try:
             x = np.load(ref)["arr_0"]
@@ -100,8 +98,7 @@ def class_accuracy(classifier, images, labels):
 def toy_scores(samples, labels, classifier):
     """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class accuracy (overall
     and per class), colour spread (per-channel std against the data's)."""
-    ds = ToyShapes()
-    ref = torch.stack([ds[i][0] for i in range(len(samples))])
+    ref = torch.stack([ToyShapes()[i][0] for i in range(len(samples))])                  # the first N toy images
     feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()
     acc, per_class = class_accuracy(classifier, samples, labels)
     std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
@@ -113,10 +110,9 @@ def toy_scores(samples, labels, classifier):
 def toy_recon_scores(model, classifier, n=500, batch=250):
     """Reconstructions D(f(E(x))) of toy images: (mean |mean colour of x - of D(f(E(x)))| over images and
     channels in 0-255 units, the toy classifier's class accuracy on them, the same per class)."""
-    ds = ToyShapes()
-    x = torch.stack([ds[i][0] for i in range(n)]).to(next(model.parameters()).device)
+    x = torch.stack([ToyShapes()[i][0] for i in range(n)]).to(next(model.parameters()).device)   # toy images 0..n-1
     rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
-    acc, per_class = class_accuracy(classifier, rec.cpu().clamp(-1, 1), torch.tensor([ds[i][1] for i in range(n)]))
+    acc, per_class = class_accuracy(classifier, rec.cpu().clamp(-1, 1), torch.arange(n) % 10)   # labels: i % 10
     return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item(), acc, per_class
 
 
@@ -142,8 +138,7 @@ def main(argv=None):
     p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
     p.add_argument("--fid", action="store_true", help="FID against the training set / --ref (torch-fidelity)")
     p.add_argument("--is", dest="is_", action="store_true", help="Inception Score (torch-fidelity)")
-    p.add_argument("--ref", default=None, help="FID reference (default: the training set): an image folder tree "
-                   "(resized and cropped as in training) or an ADM .npz batch (VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--ref", help="FID reference (default: the training set): an image folder tree or an ADM .npz batch")
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
@@ -168,7 +163,6 @@ def main(argv=None):
     ref = reference(args.ref, train_args, cfg.image_size) if args.fid and rank == 0 else None   # bad --ref: fail now
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     sigma = sigma_max(args.alpha if args.alpha is not None else train_args["alpha"])
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)] if cfg.num_classes else [-1] * n)
     starts = range(0, n, args.batch_size)[rank::world]                      # this rank's batches
     results = []                                                            # rank 0: (steps, uint8 (n, C, H, W), first)
@@ -178,7 +172,7 @@ def main(argv=None):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)
             y = labels[i:i + args.batch_size]                              # (b,); -1: unconditional
             e = torch.randn(len(y), cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
                 xs = generate(model, e, y.to(device) if cfg.num_classes else None, steps, sigma, args.gamma, args.cfg,
                               args.cfg_position, args.noise, generator=g)
             mine.append((i, ((xs[-1].float() * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).cpu()))
@@ -214,7 +208,7 @@ def main(argv=None):
             for j, x in enumerate(u8):
                 save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
         if args.npz:
-            path = (args.npz[:-4] if args.npz.endswith(".npz") else args.npz) + suffix + ".npz"
+            path = args.npz.removesuffix(".npz") + suffix + ".npz"
             save_checkpoint(dict(arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()), path,   # atomic
                             write=lambda arrays, f: np.savez(f, **arrays), what="npz")
             print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
