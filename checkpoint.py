@@ -73,8 +73,7 @@ def load_checkpoint(path):
 
 
 def load_model(path, device="cpu", ema=True):
-    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint: its EMA weights when it
-    has them (train.py --ema) and ema, else the trained ones."""
+    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint; its EMA weights if any and ema."""
     ckpt = load_checkpoint(path)
     ema = ema and "ema" in ckpt
     if ema and os.environ.get("RANK", "0") == "0":                          # once under torchrun
