@@ -36,19 +36,19 @@ def timed(fn, device, iters):
     return sorted(once() for _ in range(iters))[iters // 2]
 
 
-def bench(args, compile_model, world, dev):
-    """The train step: time, memory, FLOP estimate. Eager on one process also where the time goes (each part
-    alone, fwd + bwd), the FLOPs counted by torch to check the estimate (math SDPA, so attention is counted)
-    and the sampling speed."""
-    cfg, cuda = make_config(args.model, args.dataset), dev.startswith("cuda")
+def bench(args, mode, world, dev, measured, known, print0):
+    """One mode's train step (eager, or compiled as train.py --compile), printed: time, memory, FLOP estimate, MFU.
+    Eager on one process also where the time goes (each part alone, fwd + bwd), the FLOPs counted by torch to check
+    the estimate (math SDPA, so attention is counted) and the sampling speed."""
+    cfg, cuda, compiled = make_config(args.model, args.dataset), dev.startswith("cuda"), mode == "compile"
     torch.manual_seed(0)
     model = SphereEncoder(cfg).to(dev)
     model.set_grad_checkpointing(args.grad_ckpt)
     if args.fsdp:                                                   # as train.py: FSDP compiles each block before
-        shard(model, dev, world, compile_blocks=compile_model)     # sharding; else the whole net (DDP: its forward)
+        shard(model, dev, world, compile_blocks=compiled)          # sharding; else the whole net (DDP: its forward)
     net = model if world == 1 or args.fsdp else DDP(   # as train.py: buffers are constants, grads are bucket views
         model, device_ids=[dev] if cuda else None, forward_sync_buffers=False, gradient_as_bucket_view=True)
-    net = torch.compile(net) if compile_model and not args.fsdp else net
+    net = torch.compile(net) if compiled and not args.fsdp else net
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     perceptual = load_perceptual(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
@@ -68,36 +68,39 @@ def bench(args, compile_model, world, dev):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_step = timed(step, dev, args.iters)
-    r = dict(t_step=t_step, img_s=world * B / t_step, flops_est=3 * 2 * sum(model.flops_per_image().values()),
-             mem=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"),
-             params=model.num_params())                                 # DTensor numel is the global size
-    if world > 1 or compile_model:     # the step is what we measure; the split, FLOPs, sampling: eager, once
-        return r
+    mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB per GPU" if cuda else "n/a on CPU"
+    flops_est = 3 * 2 * sum(model.flops_per_image().values())
+    tflops = flops_est * world * B / t_step                             # over all processes
+    par = f", {'FSDP' if args.fsdp else 'DDP'} x {world}" if world > 1 else ""
+    print0(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}{par}] {args.model} / {args.dataset}: "
+           f"{model.num_params() / 1e6:.1f}M params, batch {B} per process")   # DTensor numel is the global size
+    print0(f"  train: {world * B / t_step:.1f} img/s, step {t_step * 1e3:.1f} ms, peak memory {mem}")
+    print0(f"  achieved {tflops / 1e12:.3f} TFLOP/s | MFU vs measured matmul {tflops / (world * measured):.1%}"
+           + (f" | MFU vs bf16 peak {tflops / (world * known):.1%}" if known else ""))
+    if world > 1 or compiled:          # the step is what we measure; the split, FLOPs, sampling: eager, once
+        return
 
     def fwd_bwd(fn):                                                # where the time goes: each part alone, fwd + bwd
-        def run():
-            with autocast:
-                out = fn()
-            out.float().square().mean().backward()
-        return timed(run, dev, args.iters)
+        return timed(lambda: autocast(fn)().float().square().mean().backward(), dev, args.iters)
     z = torch.randn(2 * B, cfg.grid, cfg.grid, cfg.latent_dim, device=dev)
-    r["split"] = {"encoder (x2)": 2 * fwd_bwd(lambda: model.encode(x, y)),
-                  "decoder (2B)": fwd_bwd(lambda: model.decode(z, None if y is None else y.repeat(2)))}
+    split = {"encoder (x2)": 2 * fwd_bwd(lambda: model.encode(x, y)),
+             "decoder (2B)": fwd_bwd(lambda: model.decode(z, None if y is None else y.repeat(2)))}
     if perceptual is not None:
         xx = torch.cat([x, x]).requires_grad_()
-        r["split"]["perceptual (2B)"] = fwd_bwd(lambda: perceptual(xx, torch.cat([x, x])))
+        split["perceptual (2B)"] = fwd_bwd(lambda: perceptual(xx, torch.cat([x, x])))
     step()                                                          # leaves optimizer state allocated
-    r["split"]["optimizer"] = timed(opt.step, dev, args.iters)
-    model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), autocast:
+    split["optimizer"] = timed(opt.step, dev, args.iters)
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), autocast:   # grads: None after step
         sigma, sub = noise_levels(1, 80, 85, device=dev)
         sphere_losses(x[:1], *model(x[:1], None if y is None else y[:1], sigma, sub), w)["total"].backward()
     model.zero_grad(set_to_none=True)
-    r["flops_counted"], r["sampling"] = fc.get_total_flops(), {}
-    for steps in (1, 2, 4):                                         # from noise e = z[:B]
-        with torch.inference_mode(), autocast:
-            r["sampling"][steps] = B / timed(lambda: generate(net, z[:B], y, steps), dev, args.iters)
-    return r
+    counted = fc.get_total_flops()
+    print(f"  FLOPs/img (train step): estimate {flops_est / 1e9:.2f} G, counted {counted / 1e9:.2f} G "
+          f"(ratio {flops_est / max(counted, 1):.3f})")
+    print("  time split: " + ", ".join(f"{k} {v / sum(split.values()):.0%}" for k, v in split.items()))
+    with torch.inference_mode(), autocast:                          # from noise e = z[:B]
+        speed = {steps: B / timed(lambda: generate(net, z[:B], y, steps), dev, args.iters) for steps in (1, 2, 4)}
+    print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in speed.items()))
 
 
 @script
@@ -124,22 +127,7 @@ def main(argv=None):
     print0(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
            + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))
     for mode in (["eager", "compile"] if args.compile else ["eager"]):
-        r = bench(args, mode == "compile", world, dev)
-        tflops = r["flops_est"] * r["img_s"]                           # over all processes
-        par = f", {'FSDP' if args.fsdp else 'DDP'} x {world}" if world > 1 else ""
-        print0(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}{par}] {args.model} / {args.dataset}: "
-               f"{r['params'] / 1e6:.1f}M params, batch {args.batch_size} per process")
-        mem = f"{r['mem']:.2f} GiB per GPU" if dev.startswith("cuda") else "n/a on CPU"
-        print0(f"  train: {r['img_s']:.1f} img/s, step {r['t_step'] * 1e3:.1f} ms, peak memory {mem}")
-        print0(f"  achieved {tflops / 1e12:.3f} TFLOP/s | MFU vs measured matmul {tflops / (world * measured):.1%}"
-               + (f" | MFU vs bf16 peak {tflops / (world * known):.1%}" if known else ""))
-        if world > 1 or mode == "compile":
-            continue
-        print(f"  FLOPs/img (train step): estimate {r['flops_est'] / 1e9:.2f} G, counted {r['flops_counted'] / 1e9:.2f} G "
-              f"(ratio {r['flops_est'] / max(r['flops_counted'], 1):.3f})")
-        total = sum(r["split"].values())
-        print("  time split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in r["split"].items()))
-        print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in r["sampling"].items()))
+        bench(args, mode, world, dev, measured, known, print0)
     if dist.is_initialized():
         dist.destroy_process_group()
 

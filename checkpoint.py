@@ -1,8 +1,6 @@
 """Checkpoints (docs/reference.md Sec. 5): plain dicts {model, ema?, optimizer, step, config, args, rng, bad_images}
 of tensors and builtins, so torch.load(weights_only=True) reads them. Writes are atomic (a kill or a full disk
 leaves the old file whole); a bad file is a one-line DataError naming the cause, never a traceback.
-train.py saves and resumes through Checkpointer; sample.py reads a model with load_model, viz.py and edit.py
-with load_model_and_data; convert.py writes the release's weights with save_checkpoint.
 """
 import os
 import re
@@ -24,8 +22,7 @@ SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the 
 
 
 def save_checkpoint(obj, path, write=None, what="checkpoint"):
-    """Atomic (tmp, fsync, rename): a kill or full disk leaves the old file whole; failure -> DataError.
-    write(obj, file) writes it: torch.save, or np.savez for sample.py's npz."""
+    """Atomic (tmp, fsync, rename); failure -> DataError. write(obj, file): torch.save, or np.savez (sample.py)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -55,10 +52,10 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:                                                # never torch's weights_only paragraph
-        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"WeightsUnpickler error: (.*)", str(err))
-        raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never do"
-                        if found and "GLOBAL" in found[0] else f"{path!r} is corrupt: "
-                        f"{found[1] if found else str(err).splitlines()[0][:200]}") from None
+        if found := re.search(r"GLOBAL ([\w.]+)", str(err)):                # a pickled object: ours never hold one
+            raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}") from None
+        cause = re.search(r"WeightsUnpickler error: (.*)", str(err))
+        raise DataError(f"{path!r} is corrupt: {cause[1] if cause else str(err).splitlines()[0][:200]}") from None
 
 
 def load_checkpoint(path):
@@ -76,8 +73,7 @@ def load_checkpoint(path):
 
 
 def load_model(path, device="cpu", ema=True):
-    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint: its EMA weights when it
-    has them (train.py --ema) and ema, else the trained ones."""
+    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint; its EMA weights if any and ema."""
     ckpt = load_checkpoint(path)
     ema = ema and "ema" in ckpt
     if ema and os.environ.get("RANK", "0") == "0":                          # once under torchrun
@@ -91,8 +87,7 @@ def load_model(path, device="cpu", ema=True):
 
 
 def load_model_and_data(args):
-    """viz.py, edit.py: model of --ckpt (EMA weights unless --raw_weights), its training args, the images of
-    --dataset (default: the ckpt's)."""
+    """viz.py, edit.py: load_model(--ckpt, --raw_weights), its training args, the images of --dataset or the ckpt's."""
     model, targs = load_model(args.ckpt, args.device, ema=not args.raw_weights)
     return model, targs, build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
                                        model.cfg.image_size)[0]

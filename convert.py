@@ -34,21 +34,20 @@ RULES = [                                                               # releas
 def infer_config(sd):
     """A Config from the shapes of a released state dict (keys as released). An odd Mixer depth, token count or
     pixel head surfaces in convert()'s key and shape checks."""
-    def need(key):
-        if key not in sd:
-            raise DataError(f"not a released Sphere Encoder checkpoint: no key {key!r}")
-        return sd[key]
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # blocks
     if any("inctx" in k or "cond_proj" in k for k in sd):
         raise DataError("in-context tokens / text conditioning are not part of this implementation; cannot convert")
-    patch = need("encoder.x_embedder.0.weight")                          # (width, 3, P, P)
-    enc_w, P = patch.shape[0], patch.shape[-1]
-    dec_w = need("decoder.blocks.0.norm1.weight").shape[0]
+    try:
+        patch = sd["encoder.x_embedder.0.weight"]                              # (width, 3, P, P)
+        enc_w, P = patch.shape[0], patch.shape[-1]
+        dec_w = sd["decoder.blocks.0.norm1.weight"].shape[0]
+        d = sd["encoder.ffn.linear.weight"].shape[0]
+        grid = math.isqrt(sd["encoder.out.blocks.0.tok_mixer.mix.0.weight"].shape[0])   # sqrt(latent tokens)
+    except KeyError as err:
+        raise DataError(f"not a released Sphere Encoder checkpoint: no key {err}") from None
     for name, w in (("encoder", enc_w), ("decoder", dec_w)):
         if w not in HEADS:
             raise DataError(f"{name} width {w} fits no released size (widths {sorted(HEADS)})")
-    d = need("encoder.ffn.linear.weight").shape[0]
-    grid = math.isqrt(need("encoder.out.blocks.0.tok_mixer.mix.0.weight").shape[0])   # sqrt(latent tokens)
     pixel_head = "conv" if "decoder.out.4.weight" in sd else "linear"
     table = sd.get("encoder.y_embedder.embedding_table.weight")
     return Config(image_size=grid * P, patch_size=P, latent_dim=d, enc_width=enc_w,
@@ -60,7 +59,7 @@ def infer_config(sd):
 def convert(released):
     """Released state dict -> (Config, ours); Mixer gates alpha1, alpha2 become a = [alpha1, alpha2]."""
     cfg = infer_config(released)
-    out, gates, source = {}, {}, {}
+    out, source = {}, {}
     rules = RULES + ([(r"^decoder\.conv\.0\.", "decoder.conv.")] if cfg.pixel_head == "linear" else [])  # one conv
     for k, v in released.items():
         if k.endswith(("pos_embed", "rope")):                            # fixed tables, we recompute them
@@ -70,12 +69,10 @@ def convert(released):
             new = re.sub(a, b, new)
         source[new] = k
         v = torch.as_tensor(v, dtype=torch.float32)
-        if m := re.match(r"(.*mixer\.blocks\.\d+)\.alpha([12])$", new):
-            gates.setdefault(m.group(1), {})[m.group(2)] = v.reshape(())
-            continue
-        out[new] = v
-    for prefix, g in gates.items():
-        out[prefix + ".a"] = torch.stack([g.get("1", torch.tensor(0.0)), g.get("2", torch.tensor(0.0))])
+        if m := re.match(r"(.*mixer\.blocks\.\d+)\.alpha([12])$", new):     # a missing gate stays 0
+            out.setdefault(m[1] + ".a", torch.zeros(2))[int(m[2]) - 1] = v.reshape(())
+        else:
+            out[new] = v
     ours = SphereEncoder(cfg).state_dict()
     if unknown := sorted(set(out) - set(ours)):
         raise DataError(f"released key maps to nothing here: {source[unknown[0]]} ({len(unknown)} such keys)")

@@ -1,6 +1,5 @@
-"""Image editing with a trained Sphere Encoder (arXiv 2602.15030), one PNG grid per command, of training
-images by index: Eq. 2 (reconstruction), Sec. 4 / Fig. 6 (noise-corner grid), Sec. 5 (crossover, conditional
-manipulation).
+"""Image editing with a trained Sphere Encoder (arXiv 2602.15030), one PNG grid per command, of training images by
+index: Eq. 2 (reconstruction), Sec. 4 / Fig. 6 (noise-corner grid), Sec. 5 (crossover, conditional manipulation).
     python edit.py recon      --ckpt out/toy/last.pt --images 0,1,2,3
     python edit.py grid       --ckpt out/toy/last.pt --target 3     # Fig. 6: noise-corner interpolation
     python edit.py crossover  --ckpt out/toy/last.pt --images 0,5
@@ -23,7 +22,6 @@ def reconstruct(model, x, y=None):
     return model.decode(spherify(model.encode(x, y)), y).float()
 
 
-@torch.no_grad()
 def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):
     """Sec. 4 / Fig. 6: n x n bilinear grid between 4 noise corners, Algorithm 1 (no CFG): (n * n, C, H, W)."""
     c = torch.randn(4, model.cfg.grid, model.cfg.grid, model.cfg.latent_dim, generator=generator, device=device)
@@ -39,7 +37,6 @@ def rounds(r, gamma, n):
     return [r * sampling_r(t, n + 1, gamma) for t in range(2, n + 2)]
 
 
-@torch.no_grad()
 def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generator=None):
     """Sec. 5: left half of xa, right half of xb, then rounds blend the seam: [stitched] + each round."""
     W = xa.shape[-1]
@@ -47,7 +44,6 @@ def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generat
     return [x] + refine(model, x, y, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
 
 
-@torch.no_grad()
 def manipulate(model, x, target, alpha, steps=4, r=1.0, gamma=0.0, generator=None):
     """Sec. 5: encode/decode x under the target class, `steps` rounds (r = 1, gamma = 0, no CFG)."""
     return refine(model, x, target, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
@@ -64,7 +60,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None)
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--target", type=STEPS, default=None, help="the class (required for manipulate)")
-    p.add_argument("--steps", type=COUNT, default=None, help="rounds (crossover 10, manipulate 4)")
+    p.add_argument("--steps", type=COUNT, default=None, help="rounds (crossover 10, manipulate 4); grid: steps (4)")
     p.add_argument("--r", type=PROB, default=None, help="noise sigma = r sigma_max (crossover 0.25, manipulate 1)")
     p.add_argument("--gamma", type=WEIGHT, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
     p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)
@@ -90,7 +86,7 @@ def main(argv=None):
     if args.command == "recon":                                              # rows: originals, reconstructions
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
     elif args.command == "grid":                                             # Fig. 6: bilinear between 4 corners
-        grid, nrow = corner_grid(model, alpha, y=args.target, generator=g, device=args.device), 8
+        grid, nrow = corner_grid(model, alpha, y=args.target, steps=args.steps or 4, generator=g, device=args.device), 8
     elif args.command == "crossover":                                        # stitched, then each round
         xs = [x[:1], x[1:2]] + crossover(model, x[:1], x[1:2], alpha, generator=g, **kw)
         grid, nrow = torch.cat(xs), len(xs)

@@ -4,17 +4,13 @@
   Eq. 8   pixel consistency     L(D(v_NOISY), sg(D(v_noisy)))   the same, target under stop-grad
   Eq. 9   latent consistency    1 - cos(v, E(D(v_NOISY)))       target v detached
   Eq. 10  total = weighted sum of the three (weights per dataset, docs/reference.md Sec. 4)
-Images in [-1, 1]; the distance sees [0, 1], LPIPS-VGG [-1, 1]. Optionally, as released, perceptual =
-(LPIPS + 0.1 ConvNeXt) / 1.1 with ConvNeXt-Small logits (`--convnext 0.1`). Tested by tests/test_losses.py.
+Images in [-1, 1]. Optional, as released (`--convnext 0.1`): perceptual = (LPIPS + 0.1 ConvNeXt-Small logit MSE) / 1.1.
 """
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-VGG_FILE = "vgg16-397923af.pth"   # torchvision's VGG-16 ImageNet weights, which LPIPS builds on
-CONVNEXT_FILE = "convnext_small-0c510722.pth"   # torchvision's ConvNeXt-Small ImageNet weights
 
 
 @dataclass
@@ -28,9 +24,8 @@ class LossWeights:
 
 
 def distance(pred, target):
-    """Smooth L1 (beta 1) on images mapped to [0, 1], mean per sample: (B,)."""
-    pred, target = pred.float(), target.float()                              # fp32 under autocast too
-    return F.smooth_l1_loss((pred + 1) / 2, (target + 1) / 2, reduction="none", beta=1.0).flatten(1).mean(1)
+    """Smooth L1 (beta 1) on images mapped to [0, 1], in fp32 under autocast too, mean per sample: (B,)."""
+    return F.smooth_l1_loss((pred.float() + 1) / 2, (target.float() + 1) / 2, reduction="none").flatten(1).mean(1)
 
 
 def pixel_loss(pred, target, w_dist, w_perc, perceptual=None):
@@ -74,27 +69,22 @@ class Perceptual(torch.nn.Module):
         return (loss + self.w * cnx) / (1 + self.w)
 
 
-def _offline_error(what, file, err, flag):
-    where = f"{torch.hub.get_dir()}/checkpoints/{file}"
-    return RuntimeError(f"the perceptual loss needs {what} and could not load them ({str(err).splitlines()[0]}). "
-                        f"Put https://download.pytorch.org/models/{file} at {where}, or train without it: {flag}")
-
-
 def load_perceptual(w_convnext=0.0, pretrained=True):
     """The frozen perceptual loss (pretrained=False: random backbones, for tests and benchmarks only)."""
     import lpips
     import torchvision
+    what, file, flag = "torchvision's VGG-16 weights (LPIPS)", "vgg16-397923af.pth", "--perceptual_weight 0"
     try:
         with warnings.catch_warnings():                                   # lpips uses torchvision's old API
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
-    except Exception as err:      # urllib/URLError, RuntimeError (bad file), ...: all the same to a user
-        raise _offline_error("torchvision's VGG-16 weights (LPIPS)", VGG_FILE, err, "--perceptual_weight 0") from None
-    convnext = None
-    if w_convnext > 0:
-        try:
+        convnext = None
+        if w_convnext > 0:
+            what, file, flag = "torchvision's ConvNeXt-Small weights", "convnext_small-0c510722.pth", "--convnext 0"
             weights = torchvision.models.ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained else None
             convnext = torchvision.models.convnext_small(weights=weights)
-        except Exception as err:
-            raise _offline_error("torchvision's ConvNeXt-Small weights", CONVNEXT_FILE, err, "--convnext 0") from None
+    except Exception as err:      # urllib/URLError, RuntimeError (bad file), ...: all the same to a user
+        raise RuntimeError(f"the perceptual loss needs {what} and could not load them ({str(err).splitlines()[0]}). "
+                           f"Put https://download.pytorch.org/models/{file} at {torch.hub.get_dir()}/checkpoints/"
+                           f"{file}, or train without it: {flag}") from None
     return Perceptual(net, convnext, w_convnext).eval().requires_grad_(False)

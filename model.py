@@ -1,11 +1,9 @@
-"""The Sphere Encoder (arXiv 2602.15030, Sec. 2.4 and 3; docs/reference.md Sec. 2): a ViT + MLP-Mixer
-encoder onto the sphere and a Mixer + ViT decoder back. Read bottom-up: positions -> attention, SwiGLU ->
-AdaLN-Zero Block -> Mixer -> Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of
-Eq. 4-9. encode: (B, 3, H, W) -> (B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1].
+"""The Sphere Encoder (arXiv 2602.15030, Sec. 2.4 and 3; docs/reference.md Sec. 2): a ViT + MLP-Mixer encoder onto the
+sphere and a Mixer + ViT decoder back. Read bottom-up: positions -> attention, SwiGLU -> AdaLN-Zero Block -> Mixer ->
+Encoder, Decoder -> SphereEncoder, whose forward() is the training pass of Eq. 4-9. encode: (B, 3, H, W) ->
+(B, h, w, d); decode(spherify(z), y) -> (B, 3, H, W) in [-1, 1]. Under bf16 autocast (GPU; DDP, FSDP alike) matmuls,
+convs and attention run in bf16; residual streams, RMSNorms, RoPE's rotation, pixel output in fp32 (docs/scaling.md).
 `python model.py` prints the parameter count and forward FLOPs of every preset.
-Precision under bf16 autocast (GPU), the same under DDP and FSDP: matmuls, convs and attention in bf16; the
-residual streams (ViT and Mixer), RMSNorms, RoPE's rotation and the pixel output in fp32 (spherify and the
-losses are fp32 too: spherify.py, losses.py).
 """
 from dataclasses import dataclass
 
@@ -42,8 +40,7 @@ class Config:
     def latent_size(self): return self.grid ** 2 * self.latent_dim      # L = h * w * d
 
 
-# Model sizes: (encoder, decoder) transformers of (width, depth, heads) [released]; Sphere-L = large enc +
-# large dec (Sec. 3.1). Latent shape per dataset: docs/reference.md Sec. 2 table. tiny, toy: ours (make_config).
+# (encoder, decoder) of (width, depth, heads) [released], Sphere-L = L + L (Sec. 3.1); latents: docs/reference.md Sec. 2
 PAPER_SIZES = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 SIZES = {"tiny": ((64, 1, 2), (128, 3, 4)), **{k: (t, t) for k, t in PAPER_SIZES.items()}}
 LATENTS = {
@@ -56,19 +53,16 @@ LATENTS = {
 
 
 def latent_for(image_size):
-    """A latent shape for any image size, following the paper's pattern: P = 2 up to 64px, else
-    H/32 (32x32 tokens), and d = 2 P^2 so the pixel/latent ratio 3HW/L is 1.5 (App. C.5)."""
+    """A latent for any image size as in the paper: P = 2 up to 64px, else H/32; d = 2 P^2: 3HW/L = 1.5 (App. C.5)."""
     p = 2 if image_size <= 64 else image_size // 32
     return dict(image_size=image_size, patch_size=p, latent_dim=2 * p * p,
                 mixer_depth=2 if image_size <= 64 else 4, pixel_head="conv" if image_size <= 64 else "linear")
 
 
 def make_config(size="tiny", dataset="toy", **overrides):
-    """Config = transformer size (SIZES) x latent shape of the dataset (LATENTS), then overrides.
-    Ours, for a 2-core CPU quick start: "tiny", as the encoder runs twice a step (on x, Eq. 4, and on D(v_NOISY),
-    Eq. 9) and took half of it, so a 64 x 1 one buys 1.4x the images a minute (README); "toy", 4x4x128 (ratio
-    1.5): P = 8 (the paper's 256px patch) makes 16 tokens, so a CPU step costs 1/3 of P = 4's and the quick start
-    sees 3x the images; the release pairs P = 8 with the linear head."""
+    """Config = transformer size (SIZES) x latent shape of the dataset (LATENTS), then overrides. Ours, for the CPU
+    quick start: "tiny", as the encoder runs twice a step (Eq. 4, 9) and took half of it, a 64 x 1 one buys 1.4x the
+    images a minute; "toy", 4x4x128 (ratio 1.5) at P = 8: 16 tokens, a third of P = 4's step (docs/experiments.md)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {list(SIZES)}")
     (ew, ed, eh), (dw, dd, dh) = SIZES[size]
@@ -268,10 +262,9 @@ class SphereEncoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         for vit in (self.encoder.vit, self.decoder.vit):
-            if vit.y_embed is not None:
+            if vit.y_embed is not None:                                     # conditional: AdaLN-Zero
                 nn.init.normal_(vit.y_embed.weight, std=0.02)
-            for m in [b.ada for b in vit.blocks] + [vit.norm.ada]:
-                if m is not None:                                           # AdaLN-Zero
+                for m in [b.ada for b in vit.blocks] + [vit.norm.ada]:
                     nn.init.zeros_(m[1].weight), nn.init.zeros_(m[1].bias)
         for m in [self.decoder.inp, *self.decoder.mixer.modules()]:        # the decoder's input stage: N(0, 1)
             if isinstance(m, nn.Linear):

@@ -39,16 +39,13 @@ def stratified_uniform(n, generator=None, device=None):
 
 
 def noise_levels(n, alpha_deg, band_deg=None, p_band=0.1, stratified=True, generator=None, device=None):
-    """Eq. 5 with the angle mixing of App. C.2: per-sample noise scales for Eq. 4 and Eq. 6.
-
-    Returns (sigma, sigma_sub), each (n,):
+    """Eq. 5 with the angle mixing of App. C.2: per-sample noise scales for Eq. 4 and 6, (sigma, sigma_sub), each (n,):
       sigma     = r tan(alpha), r ~ U[0, 1]                                          (Eq. 5)
                   or, for the samples with u < p_band (u ~ U[0, 1), one draw per sample), the
                   high band: sigma = tan(alpha) (1 + u (tan(band)/tan(alpha) - 1))    (App. C.2)
       sigma_sub = s r tan(alpha), s ~ U[0, 0.5]: always from the base r               (Eq. 6)
     [released]: the same u picks the band and places sigma in it, so band samples only reach
-    the bottom p_band of [tan(alpha), tan(band)] (32px, 80-85 deg: sigma in [5.67, 6.25]).
-    """
+    the bottom p_band of [tan(alpha), tan(band)] (32px, 80-85 deg: sigma in [5.67, 6.25])."""
     draw = (lambda: stratified_uniform(n, generator, device)) if stratified else \
            (lambda: torch.rand(n, generator=generator, device=device))
     r, s = draw(), 0.5 * draw()                           # Eq. 5, Eq. 6: r ~ U[0,1], s ~ U[0,0.5]

@@ -23,9 +23,8 @@ def project(v, P):
 
 
 def uniformity(v, t=2.0):
-    """U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola; uniform ~ -2t = -4,
-    collapsed 0), cos_std = std of pairwise cosines x sqrt(L) (uniform ~ 1), the cosines, and eff_dim, the
-    directions filled: (sum lambda)^2 / sum lambda^2 of the covariance (k equal lambdas: k; prior ~ nL/(n+L))."""
+    """Ours (docs/reference.md Sec. 8): U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola),
+    cos_std = std of pairwise cosines x sqrt(L), eff_dim = (sum lambda)^2 / sum lambda^2 of the covariance, cos."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)       # (n, L)
     i, j = torch.triu_indices(len(u), len(u), offset=1)
     c = (u @ u.T)[i, j]                                                     # pairwise cosines
