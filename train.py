@@ -223,15 +223,16 @@ def build_model(cfg, args, world, rank, device, ckpt):
 class StopSignal:
     """SIGTERM (a cluster's notice) or SIGINT (Ctrl-C): finish the step, all ranks write last.pt, exit PREEMPTED; a
     second Ctrl-C stops at once. Set before the loader's workers start: they inherit it, so live until the save."""
-    def __init__(self):
+    def __enter__(self):
         self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
     def __call__(self, signum, frame):                                     # torchrun forwards Slurm's TERM: twice
         if self.got == "SIGINT" == signal.Signals(signum).name:
             raise KeyboardInterrupt
         self.got = self.got or signal.Signals(signum).name
 
-    def restore(self):
+    def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
 
@@ -368,11 +369,10 @@ def main(argv=None):
     data = build_loader(ds, args, world, rank, device, micro, step)
     logged, t0, saved_at, save_s = step, time.time(), time.time(), 0.0
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
-    bar = progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
-    signals = StopSignal()                                                  # before the loader's workers start
-    try:
+    with (progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True) as bar,
+          StopSignal() as signals):                                         # closed, restored on any exit
         while step < max_steps:
             lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
             for group in opt.param_groups:
@@ -400,16 +400,13 @@ def main(argv=None):
                 logged, t0 = step, time.time()
             sd = None
             if (due(args.ckpt_every) if args.ckpt_every else timed_save or step == max_steps) or signalled:
-                t, sd = time.time(), checkpointer.save(step, bad)           # a full disk: DataError, last.pt intact
+                t, sd = time.time(), checkpointer.save(step, bad)           # full disk: DataError (bar closed first)
                 saved_at, save_s = time.time(), time.time() - t
             if signalled:
                 stop(f"stopped by {signals.got or 'a signal on another rank'} at step {step}; {checkpointer.path} "
                      f"written: continue with --resume --out_dir {args.out_dir}", code=PREEMPTED)
             if due(args.sample_every):
                 grids(model, ema, x, args, step, device, master, sd)
-    finally:
-        signals.restore()
-        bar.close()                                                         # before a DataError's line (@script)
     if dist.is_initialized():
         if not args.fsdp:                                                   # DDP must have kept the replicas identical
             flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
