@@ -47,8 +47,7 @@ DATASETS = {
 
 
 def folder_defaults(args):
-    """--dataset folder: the paper's settings for the images' size (<= 64px: CIFAR-10's, else Flowers'), read off
-    a few of them; one line (rank 0) says which. Flags given win."""
+    """--dataset folder: CIFAR-10's settings (<= 64px) or Flowers' at the size a few images show; a line says which."""
     found = folder_settings(args.data_dir)
     px = found["image_size"]
     like, name = ("cifar10", "CIFAR-10's") if px <= 64 else ("flowers", "Flowers'")
@@ -241,7 +240,7 @@ PREEMPTED = 3                                   # exit code: stopped by a signal
 
 
 @torch.no_grad()
-def grids(model, ema, x, args, step, device, master, sd=None, n=8):
+def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     """Rank 0: samples_<step>.png (a row a class, up to 10; Algorithm 1, fixed noise), recon_<step>.png, from the EMA or
     the model; under FSDP from a copy built on `meta` given the gathered weights (sd: the checkpoint's) and buffers."""
     if args.fsdp and sd is None:                                            # a collective: on every rank
@@ -302,8 +301,7 @@ def train_step(net, model, opt, ema, batches, loss_fn, args):
 
 
 def agree(bad_step, timed_save, signalled, bad, device):
-    """The loop's one sync, at log and checkpoint steps: the ranks agree (MAX) on the first non-finite step, a timed
-    checkpoint and a stop signal, and merge their unreadable images (bad, in place)."""
+    """The loop's one sync: the ranks agree (MAX) on the first non-finite step, a timed save, a signal; bad merged."""
     flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -406,7 +404,7 @@ def main(argv=None):
                 stop(f"stopped by {signals.got or 'a signal on another rank'} at step {step}; {checkpointer.path} "
                      f"written: continue with --resume --out_dir {args.out_dir}", code=PREEMPTED)
             if due(args.sample_every):
-                grids(model, ema, x, args, step, device, master, sd)
+                save_grids(model, ema, x, args, step, device, master, sd)
     if dist.is_initialized():
         if not args.fsdp:                                                   # DDP must have kept the replicas identical
             flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
