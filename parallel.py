@@ -1,6 +1,4 @@
-"""Scaling out: torchrun set-up (one process per GPU, or gloo CPU slot), FSDP2 sharding with per-block compile,
-and the memory plan: what a training step holds per GPU, counted before it runs, and the micro-batch and
-activation checkpointing that fit it. See docs/scaling.md.
+"""torchrun set-up, FSDP2 sharding (per-block compile), the per-GPU memory plan of a training step (docs/scaling.md).
     python train.py --dataset imagenet --model L --dry_run --gpus 8 --gpu_mem 80   # the plan, without a GPU
 """
 import datetime
@@ -15,10 +13,8 @@ from model import Block, MixerBlock, SphereEncoder
 
 
 def init_distributed(device, timeout_s=7200):
-    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE -> (world, rank, device), and a process group under torchrun;
-    TF32 on. `cuda` means this process's GPU (cuda:LOCAL_RANK); an explicit cuda:N is kept in a single process.
-    timeout_s bounds how long a rank waits in a collective (NCCL's default, 10 min, is shorter than rank 0's
-    slow writes)."""
+    """torchrun's env -> (world, rank, device) and a process group; TF32 on. `cuda`: cuda:LOCAL_RANK (a cuda:N is
+    kept in one process). timeout_s: a rank's wait in a collective (NCCL's 10 min is short of rank 0's writes)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -36,40 +32,32 @@ def init_distributed(device, timeout_s=7200):
 
 
 def shard(model, device, world, compile_blocks=False, bf16=None):
-    """FSDP2: a unit per block and per Mixer, then the rest; on GPU bf16 compute, fp32 grad reduction.
-    Units keep their inputs' dtype (cast_forward_inputs=False): the residual stream's precision is set by the
-    model (model.py), the same under DDP and FSDP. compile_blocks: torch.compile each Block and MixerBlock
-    before sharding (FSDP2's hooks are not traceable, so a compiled root would break at every unit)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """FSDP2: a unit per block and per Mixer, then the rest; bf16 compute, fp32 grad reduction, inputs' dtype kept (the
+    stream's is model.py's). compile_blocks: compile each Block and MixerBlock first (FSDP2's hooks can't be traced)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.split(":")[0], (world,))
+    mesh = dist.init_device_mesh(device.split(":")[0], (world,))
     bf16 = device.startswith("cuda") if bf16 is None else bf16            # the training precision (--precision)
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
-    if compile_blocks:
-        for m in model.modules():
-            if isinstance(m, (Block, MixerBlock)):
-                m.compile()
+    for m in model.modules():
+        if compile_blocks and isinstance(m, (Block, MixerBlock)):
+            m.compile()
     for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
-# --- The memory plan: what one training step holds per GPU, before it runs ------------------------------------
-# Activations are the tensors a step's forward saves for backward (Eq. 4-10: the encoder on x and on D(v_NOISY),
-# the decoder on 2B), counted per op of model.py under the precision it states: fp32 streams and norms (s = 4
-# bytes), bf16 matmul/attention tensors on GPU (a = 2; 4 in fp32). tests/test_plan.py holds the count against
-# torch's own saved tensors (saved_tensors_hooks) on CPU, fp32 and bf16 autocast.
+# --- The memory plan: what a training step holds per GPU, before it runs. Activations: what the forward saves for
+# backward (Eq. 4-10: encoder on x and D(v_NOISY), decoder on 2B), per op of model.py, fp32 streams and norms (s = 4).
 LPIPS_PER_PIXEL = {2: 1339, 4: 2439}         # bytes a VGG-LPIPS call saves per image pixel (measured on CPU)
 CONVNEXT_PER_IMAGE = {2: 46.3e6, 4: 90.2e6}  # bytes a ConvNeXt-Small call saves per image (224px; measured)
 GIB = 2 ** 30
 
 
 def activation_bytes(cfg, a=2, fused_norm=True, grad_ckpt=False):
-    """(held, recomputed) bytes per training image: saved for backward, and live while grad_ckpt recomputes
-    one block in backward. a: bytes of matmul/attention tensors (bf16 2, fp32 4);
-    fused_norm: RMSNorm saves its input and 1/rms (CUDA) rather than also its normalized input (CPU)."""
-    s, N, H, W = 4, cfg.grid ** 2, cfg.image_size, cfg.image_size
+    """(held, recomputed) bytes per training image: saved for backward, and live while grad_ckpt recomputes a block.
+    a: matmul/attention bytes (bf16 2, fp32 4); fused_norm: RMSNorm saves input, 1/rms (CUDA), not normalized (CPU)."""
+    s, N, HW = 4, cfg.grid ** 2, cfg.image_size ** 2
     norm = s * (1 if fused_norm else 2)                                    # per channel: input (+ normalized)
 
     def block(D, heads):        # per token: 2 norms + 2 modulations (fp32), 11 D-wide and 4 H-wide bf16 tensors
@@ -86,7 +74,7 @@ def activation_bytes(cfg, a=2, fused_norm=True, grad_ckpt=False):
         return (cfg.mixer_depth * s * D if grad_ckpt else cfg.mixer_depth * mixer(D)) + norm * D
     enc = N * (vit(cfg.enc_width, cfg.enc_depth, cfg.enc_heads) + mix(cfg.latent_dim) + 2 * a * cfg.enc_width)
     dec = N * (vit(cfg.dec_width, cfg.dec_depth, cfg.dec_heads) + mix(cfg.dec_width) + a * cfg.latent_dim)
-    pixels = 3 * H * W * (2 * a + 2 * (2 * a + s) + 4 * s)                # patchify x2, pixel heads x2, losses
+    pixels = 3 * HW * (2 * a + 2 * (2 * a + s) + 4 * s)                   # patchify x2, pixel heads x2, losses
     latents = 12 * s * N * cfg.latent_dim                                  # spherify, noise, cosine
     held = 2 * enc + 2 * dec + pixels + latents                            # at the end of the forward
     widest = max(block(cfg.enc_width, cfg.enc_heads), block(cfg.dec_width, cfg.dec_heads), mixer(cfg.dec_width))
@@ -95,36 +83,29 @@ def activation_bytes(cfg, a=2, fused_norm=True, grad_ckpt=False):
 
 def memory_plan(cfg, params, batch, world, gpu_mem_gb, grad_accum=None, grad_ckpt=None, fsdp=False, ema=False,
                 perceptual=False, convnext=False, a=2):
-    """Per-GPU plan {micro, grad_accum, grad_ckpt, parts (GiB), est_gb, fits}: flags given (not None) are kept;
-    the rest is chosen so the step fits 85% of gpu_mem_gb (the rest: allocator slack, transients), preferring
-    no recompute down to micro-batch 8, then activation checkpointing."""
+    """Per-GPU plan {micro, grad_accum, grad_ckpt, parts (GiB), est_gb, fits}: flags given (not None) kept, the
+    rest chosen to fit 85% of gpu_mem_gb, with no recompute down to micro-batch 8, then with grad_ckpt."""
     per_gpu = batch // world
-    shards = world if fsdp else 1
-    fixed = {"weights+grads+AdamW (fp32)": 16 * params / shards,
-             "bf16 weight copies": (2 * params if not fsdp else 0) if a == 2 else 0,
+    fixed = {"weights+grads+AdamW (fp32)": 16 * params / (world if fsdp else 1),
+             "bf16 weight copies": 2 * params if a == 2 and not fsdp else 0,
              "EMA": 4 * params if ema else 0,
              "CUDA context, workspaces": 1.5 * GIB,
              "LPIPS/ConvNeXt weights": (30e6 * 4 if perceptual else 0) + (50e6 * 6 if convnext else 0)}
-    per_image = {"perceptual activations": (2 * LPIPS_PER_PIXEL[a] * cfg.image_size ** 2 if perceptual else 0)
-                 + (2 * CONVNEXT_PER_IMAGE[a] if convnext else 0)}
+    per_image = ((2 * LPIPS_PER_PIXEL[a] * cfg.image_size ** 2 if perceptual else 0)     # perceptual activations
+                 + (2 * CONVNEXT_PER_IMAGE[a] if convnext else 0))
 
     def plan(micro, ckpt):
-        held, recompute = activation_bytes(cfg, a, grad_ckpt=ckpt)
-        parts = {**fixed, f"activations ({micro} images)": micro * (held + recompute),
-                 "perceptual activations": micro * per_image["perceptual activations"]}
+        parts = {**fixed, f"activations ({micro} images)": micro * sum(activation_bytes(cfg, a, grad_ckpt=ckpt)),
+                 "perceptual activations": micro * per_image}
         parts = {k: v / GIB for k, v in parts.items() if v}
         est = sum(parts.values())
         return dict(micro=micro, grad_accum=per_gpu // micro, grad_ckpt=ckpt, parts=parts, est_gb=est,
                     fits=est <= 0.85 * gpu_mem_gb)
-    micros = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]
-    if grad_accum is not None:
-        micros = [per_gpu // grad_accum]
+    micros = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0] if grad_accum is None else [per_gpu // grad_accum]
     options = [plan(m, c) for c in ([grad_ckpt] if grad_ckpt is not None else [False, True]) for m in micros]
     fit = [p for p in options if p["fits"]]
-    if not fit:
-        return options[-1]                                                 # the smallest: fits=False
-    best = max(fit, key=lambda p: (not p["grad_ckpt"] and p["micro"] >= min(per_gpu, 8), p["micro"]))
-    return best
+    return max(fit, key=lambda p: (not p["grad_ckpt"] and p["micro"] >= min(per_gpu, 8), p["micro"]),
+               default=options[-1])                                        # none fits: the smallest, fits=False
 
 
 def fit_to_gpu(args, cfg, world, device):
@@ -136,7 +117,7 @@ def fit_to_gpu(args, cfg, world, device):
     if not (gpu or args.dry_run):                                           # CPU: one micro-batch, no recompute
         args.grad_accum, args.grad_ckpt = args.grad_accum or 1, bool(args.grad_ckpt)
         return
-    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if gpu else 80.0)
+    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / GIB if gpu else 80.0)
     with torch.device("meta"):
         params = SphereEncoder(cfg).num_params()
     perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0, convnext=args.convnext > 0,

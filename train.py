@@ -24,19 +24,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 
 from checkpoint import Checkpointer, check_out_dir, load_checkpoint
-from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, DataError, Guarded, build_dataset,
+from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, build_dataset,
                   default_workers, die, folder_settings, parser, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
 from parallel import fit_to_gpu, init_distributed, shard
 from spherify import generate, noise_levels, sigma_max, spherify
 
-# Per-dataset defaults (docs/reference.md Sec. 2-5). Each entry is overridden by the flag of the same
-# name; base_lr (the peak lr at global batch 256, scaled linearly with --batch_size, Sec. 5) by --lr,
-# w (Eq. 10's weights: recon dist, recon perc, con dist, con perc, lat-con) by --weights.
+# Per-dataset defaults (docs/reference.md Sec. 2-5), each overridden by the flag of its name; base_lr (the peak lr at
+# global batch 256, scaled with --batch_size, Sec. 5) by --lr; w (Eq. 10: recon dist, recon perc, con dist, con perc,
+# lat-con) by --weights. toy: ours, a CPU quick start without LPIPS (lr 1e-2 at batch 32; docs/experiments.md Recipe E).
 DATASETS = {
-    # toy, ours (a CPU quick start, README): lr 1e-2 at batch 32; no LPIPS, so ImageNet's distance weights,
-    # lat-con 1.0 (1:50 of recon dist, between ImageNet's 1:500 and CIFAR's 1:10): the three terms end level
     "toy":      dict(model="tiny", image_size=32, alpha=80, band=85, epochs=16, warmup_epochs=0.25, batch_size=32,
                      base_lr=8e-2, w=(50.0, 0.0, 25.0, 0.0, 1.0), num_workers=0),
     "cifar10":  dict(model="L", image_size=32, alpha=80, band=85, epochs=5000, warmup_epochs=10, batch_size=256,
@@ -49,20 +47,17 @@ DATASETS = {
 
 
 def folder_defaults(args):
-    """--dataset folder: the paper's settings for the images' size (<= 64px: CIFAR-10's, else Flowers'), read off
-    a few of them; one line says which. Flags given win."""
+    """--dataset folder: CIFAR-10's settings (<= 64px) or Flowers' at the size a few images show; a line says which."""
     found = folder_settings(args.data_dir)
-    size = found["image_size"]
-    like = "cifar10" if size <= 64 else "flowers"
-    size = (32 if size <= 48 else 64) if like == "cifar10" else (128 if size < 192 else 256)
-    defaults = {**DATASETS[like], "image_size": size}
-    name = "CIFAR-10's" if like == "cifar10" else "Flowers'"
-    taken = ", ".join(f"--{k} {defaults[k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
+    px = found["image_size"]
+    like, name = ("cifar10", "CIFAR-10's") if px <= 64 else ("flowers", "Flowers'")
+    size = (32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256)
+    taken = ", ".join(f"--{k} {DATASETS[like][k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
                       if getattr(args, k) is None)
     if int(os.environ.get("RANK", 0)) == 0:                                # torchrun: one line, not one per GPU
-        print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{found['image_size']}px -> "
-              f"{name} settings at {size}px: {taken} (each a flag)", flush=True)
-    return defaults
+        print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{px}px -> {name} settings at "
+              f"{size}px: {taken} (each a flag)", flush=True)
+    return {**DATASETS[like], "image_size": size}
 
 
 def get_args(argv=None):
@@ -126,16 +121,13 @@ def get_args(argv=None):
         die(f"{args.out_dir} already holds a run (last.pt at step {load_checkpoint(path)['step']}): continue it "
             f"with --resume, or start a new one with another --out_dir (--overwrite replaces it)")
     args.dataset = args.dataset or "toy"
-    defaults = folder_defaults(args) if args.dataset == "folder" and args.data_dir else DATASETS.get(args.dataset,
-                                                                                                    DATASETS["flowers"])
-    for k, v in defaults.items():                                           # fill per-dataset defaults
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    defaults = DATASETS.get(args.dataset) or (folder_defaults(args) if args.data_dir else DATASETS["flowers"])
+    vars(args).update({k: v for k, v in defaults.items() if getattr(args, k, None) is None})   # flags given win
     args.num_workers = default_workers() if args.num_workers is None else args.num_workers
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") or args.dry_run else "fp32")
-    if args.perceptual_weight is not None:
-        args.w = [args.w[0], args.perceptual_weight, args.w[2], args.perceptual_weight, args.w[4]]
     args.w = list(args.weights or args.w)
+    if args.perceptual_weight is not None and args.weights is None:            # --weights wins
+        args.w[1] = args.w[3] = args.perceptual_weight
     if args.band < args.alpha:
         p.error(f"--band {args.band} is below --alpha {args.alpha}: the band lies above alpha (= alpha: no band)")
     if args.warmup_epochs >= args.epochs:
@@ -168,8 +160,7 @@ def get_lr(step, peak, warmup, total, min_lr):
 
 
 def setup_data(args, ckpt, world, device):
-    """The data set (Guarded: an unreadable image is replaced by the next one), the model config, the memory plan
-    (fit_to_gpu; --dry_run exits there) -> ds, cfg, micro-batch, max_steps, warmup steps."""
+    """Data (Guarded), model config, memory plan (fit_to_gpu; --dry_run exits) -> ds, cfg, micro, max_steps, warmup."""
     ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
                                                                      args.unconditional, args.download)
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
@@ -224,24 +215,23 @@ def build_model(cfg, args, world, rank, device, ckpt):
     if dist.is_initialized() and not args.fsdp:                             # buffers are constants; no grad copy
         net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, forward_sync_buffers=False,
                   gradient_as_bucket_view=True)
-    if args.compile and not args.fsdp:
-        net = torch.compile(net)
+    net = torch.compile(net) if args.compile and not args.fsdp else net
     return model, opt, ema, checkpointer, net, step, bad
 
 
 class StopSignal:
-    """SIGTERM (a cluster's notice: preemption, time limit) or SIGINT (Ctrl-C): the run finishes its step, all
-    ranks write last.pt and exit with PREEMPTED; a second Ctrl-C stops at once. Set before the loader's workers
-    start, which inherit it (and so live until the save)."""
-    def __init__(self):
+    """SIGTERM (a cluster's notice) or SIGINT (Ctrl-C): finish the step, all ranks write last.pt, exit PREEMPTED; a
+    second Ctrl-C stops at once. Set before the loader's workers start: they inherit it, so live until the save."""
+    def __enter__(self):
         self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
     def __call__(self, signum, frame):                                     # torchrun forwards Slurm's TERM: twice
         if self.got == "SIGINT" == signal.Signals(signum).name:
             raise KeyboardInterrupt
         self.got = self.got or signal.Signals(signum).name
 
-    def restore(self):
+    def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
 
@@ -250,8 +240,22 @@ PREEMPTED = 3                                   # exit code: stopped by a signal
 
 
 @torch.no_grad()
-def save_grids(model, x, args, step, device, n=8):
-    """samples_<step>.png: rows = classes (up to 10), Algorithm 1 from fixed noise; recon_<step>.png."""
+def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
+    """Rank 0: samples_<step>.png (a row a class, up to 10; Algorithm 1, fixed noise), recon_<step>.png, from the EMA or
+    the model; under FSDP from a copy built on `meta` given the gathered weights (sd: the checkpoint's) and buffers."""
+    if args.fsdp and sd is None:                                            # a collective: on every rank
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return
+    if args.fsdp:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):       # no init, no training noise drawn
+            copy = SphereEncoder(model.cfg)
+        copy.load_state_dict(sd, assign=True)
+        for name, buf in model.named_buffers():                             # positions, RoPE: not sharded
+            module, _, attr = name.rpartition(".")
+            setattr(copy.get_submodule(module), attr, buf)
+        model = copy.to(device)
+    model = ema or model
     cfg, was_training = model.cfg, model.training
     model.eval()
     g = torch.Generator(device).manual_seed(1234)                           # same noise every time
@@ -266,26 +270,8 @@ def save_grids(model, x, args, step, device, n=8):
     model.train(was_training)
 
 
-def grids(model, ema, x, args, step, device, master, sd=None):
-    """The grids on rank 0, from the EMA or the model; under FSDP from a full copy built on `meta` and given the
-    gathered weights (the checkpoint's gather when both fall on one step) and the model's constant buffers."""
-    if not args.fsdp:
-        return master and save_grids(ema or model, x, args, step, device)
-    sd = sd if sd is not None else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                                        cpu_offload=True))  # collective
-    if master:
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):       # no init, no training noise drawn
-            copy = SphereEncoder(model.cfg)
-        copy.load_state_dict(sd, assign=True)
-        for name, buf in model.named_buffers():                             # positions, RoPE: not sharded
-            module, _, attr = name.rpartition(".")
-            setattr(copy.get_submodule(module), attr, buf)
-        save_grids(copy.to(device), x, args, step, device)
-
-
 def micro_batches(data, args, ds, bad, bar, device):
-    """The step's --grad_accum micro-batches (x, y) on the device, h-flipped (Sec. 3); an unreadable image (Guarded
-    gave the next one instead) is named once and added to bad."""
+    """The step's --grad_accum micro-batches (x, y) on the device, h-flipped (Sec. 3); bad images named once."""
     for _ in range(args.grad_accum):
         x, y, replaced = next(data)
         for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):
@@ -315,8 +301,7 @@ def train_step(net, model, opt, ema, batches, loss_fn, args):
 
 
 def agree(bad_step, timed_save, signalled, bad, device):
-    """The loop's one sync, at log and checkpoint steps: the ranks agree (MAX) on the first non-finite step, a timed
-    checkpoint and a stop signal, and merge their unreadable images (bad, in place)."""
+    """The loop's one sync: the ranks agree (MAX) on the first non-finite step, a timed save, a signal; bad merged."""
     flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -325,17 +310,6 @@ def agree(bad_step, timed_save, signalled, bad, device):
         bad[:] = dict.fromkeys(sum(found, []))
     first_bad, timed_save, signalled = flags.tolist()
     return int(first_bad), bool(timed_save), bool(signalled)
-
-
-def check_health(first_bad, bad, ds, args, saved_step):
-    """A non-finite loss or too many unreadable images: the message to stop with, else None."""
-    if first_bad >= 0:
-        return (f"non-finite loss at step {first_bad}; stopped. The last good checkpoint "
-                f"({'step ' + str(saved_step) if saved_step else 'none yet'}) is untouched in {args.out_dir}")
-    if len(bad) > args.max_bad_frac * len(ds):
-        return (f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} (first: "
-                f"{', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py --check --dataset "
-                f"{args.dataset} --data_dir {args.data_dir}")
 
 
 def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
@@ -349,15 +323,6 @@ def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
-
-
-def ddp_check(model, world, print0):
-    """Safety net at the end: DDP must have kept every replica identical."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-    dist.broadcast(ref := flat.clone(), 0)
-    same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
 
 
 @script
@@ -388,11 +353,10 @@ def main(argv=None):
     except RuntimeError as err:                                             # no VGG weights offline: what to do
         die(str(err))
     band = args.band if args.band > args.alpha else None
-    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16")  # model.py
 
     def loss_fn(x, y):                                                      # Eq. 4-10 on one micro-batch
         sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)   # Eq. 5, App. C.2
-        with autocast:
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):   # model.py
             z, x_NOISY, x_noisy, z_re = net(x, y if cfg.num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
             return sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)        # Eq. 10
     print0(f"{args.dataset}: {len(ds)} images, {cfg.num_classes} classes | model {args.model}: "
@@ -403,12 +367,10 @@ def main(argv=None):
     data = build_loader(ds, args, world, rank, device, micro, step)
     logged, t0, saved_at, save_s = step, time.time(), time.time(), 0.0
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
-    bar = progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
-    signals = StopSignal()                                                  # before the loader's workers start
-    model.train()
-    try:
+    with (progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True) as bar,
+          StopSignal() as signals):                                         # closed, restored on any exit
         while step < max_steps:
             lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
             for group in opt.param_groups:
@@ -420,32 +382,36 @@ def main(argv=None):
             bar.update(1)
             if not (due(args.log_every) or (args.ckpt_every and due(args.ckpt_every)) or (world == 1 and signals.got)):
                 continue
-            first_bad, timed_save, signalled = agree(bad_step, not args.ckpt_every and time.time() - saved_at >= max(
-                60.0, 100 * save_s), signals.got is not None, bad, device)          # <= 1% of the time saving
-            if msg := check_health(first_bad, bad, ds, args, checkpointer.saved_step):
-                stop(msg, code=1 if first_bad >= 0 else 2)
+            timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)   # <= 1% saving
+            first_bad, timed_save, signalled = agree(bad_step, timed_save, signals.got is not None, bad, device)
+            if first_bad >= 0:
+                saved = f"step {checkpointer.saved_step}" if checkpointer.saved_step else "none yet"
+                stop(f"non-finite loss at step {first_bad}; stopped. The last good checkpoint ({saved}) is untouched "
+                     f"in {args.out_dir}", code=1)
+            if len(bad) > args.max_bad_frac * len(ds):
+                stop(f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} (first: "
+                     f"{', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py --check --dataset "
+                     f"{args.dataset} --data_dir {args.data_dir}")
             if due(args.log_every):
                 log_step(losses, grad_norm, step, lr_now, (step - logged) * args.batch_size / (time.time() - t0), bad,
                          args, bar, master)
                 logged, t0 = step, time.time()
             sd = None
             if (due(args.ckpt_every) if args.ckpt_every else timed_save or step == max_steps) or signalled:
-                try:
-                    t, sd = time.time(), checkpointer.save(step, bad)
-                except DataError as err:                                    # a full disk: stop, last.pt intact
-                    stop(str(err))
+                t, sd = time.time(), checkpointer.save(step, bad)           # full disk: DataError (bar closed first)
                 saved_at, save_s = time.time(), time.time() - t
             if signalled:
                 stop(f"stopped by {signals.got or 'a signal on another rank'} at step {step}; {checkpointer.path} "
                      f"written: continue with --resume --out_dir {args.out_dir}", code=PREEMPTED)
             if due(args.sample_every):
-                grids(model, ema, x, args, step, device, master, sd)
-    finally:
-        signals.restore()
-    bar.close()
+                save_grids(model, ema, x, args, step, device, master, sd)
     if dist.is_initialized():
-        if not args.fsdp:
-            ddp_check(model, world, print0)
+        if not args.fsdp:                                                   # DDP must have kept the replicas identical
+            flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+            dist.broadcast(ref := flat.clone(), 0)
+            same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
         dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
