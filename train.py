@@ -312,6 +312,27 @@ def agree(bad_step, timed_save, signalled, bad, device):
     return int(first_bad), bool(timed_save), bool(signalled)
 
 
+def check_health(first_bad, bad, ds, args, saved_step):
+    """A non-finite loss or too many unreadable images: the message to stop with, else None."""
+    if first_bad >= 0:
+        saved = f"step {saved_step}" if saved_step else "none yet"
+        return (f"non-finite loss at step {first_bad}; stopped. The last good checkpoint ({saved}) is untouched in "
+                f"{args.out_dir}")
+    if len(bad) > args.max_bad_frac * len(ds):
+        return (f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} (first: "
+                f"{', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py --check --dataset "
+                f"{args.dataset} --data_dir {args.data_dir}")
+
+
+def ddp_check(model, world, print0):
+    """Safety net at the end: DDP must have kept every replica identical."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    dist.broadcast(ref := flat.clone(), 0)
+    same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
+
+
 def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
     """Loss terms and grad norm, averaged over ranks: a line under the progress bar and a record in log.jsonl."""
     names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
@@ -384,14 +405,8 @@ def main(argv=None):
                 continue
             timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)   # <= 1% saving
             first_bad, timed_save, signalled = agree(bad_step, timed_save, signals.got is not None, bad, device)
-            if first_bad >= 0:
-                saved = f"step {checkpointer.saved_step}" if checkpointer.saved_step else "none yet"
-                stop(f"non-finite loss at step {first_bad}; stopped. The last good checkpoint ({saved}) is untouched "
-                     f"in {args.out_dir}", code=1)
-            if len(bad) > args.max_bad_frac * len(ds):
-                stop(f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} (first: "
-                     f"{', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py --check --dataset "
-                     f"{args.dataset} --data_dir {args.data_dir}")
+            if msg := check_health(first_bad, bad, ds, args, checkpointer.saved_step):
+                stop(msg, code=1 if first_bad >= 0 else 2)
             if due(args.log_every):
                 log_step(losses, grad_norm, step, lr_now, (step - logged) * args.batch_size / (time.time() - t0), bad,
                          args, bar, master)
@@ -406,12 +421,8 @@ def main(argv=None):
             if due(args.sample_every):
                 save_grids(model, ema, x, args, step, device, master, sd)
     if dist.is_initialized():
-        if not args.fsdp:                                                   # DDP must have kept the replicas identical
-            flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-            dist.broadcast(ref := flat.clone(), 0)
-            same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
-            dist.all_reduce(same, op=dist.ReduceOp.MIN)
-            print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
+        if not args.fsdp:
+            ddp_check(model, world, print0)
         dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
