@@ -93,13 +93,18 @@ def load_model_and_data(args):
                                        model.cfg.image_size)[0]
 
 
+def check_writable(folder, flag):
+    """Fail early, in one line naming the flag: folder (made if missing) must take a new file."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()                          # a real write: root ignores chmod
+    except OSError as err:
+        die(f"cannot write to {flag} {folder!r}: {err.strerror or err}")
+
+
 def check_out_dir(args, params=0):
     """Fail early: --out_dir must be writable with room for a checkpoint (4 bytes x params x 3, 4 with EMA)."""
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out_dir).close()                    # a real write: root ignores chmod
-    except OSError as err:
-        die(f"cannot write to --out_dir {args.out_dir!r}: {err.strerror or err}")
+    check_writable(args.out_dir, "--out_dir")
     need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
     room = f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB"
     if free < need:

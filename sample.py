@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import save_image
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import check_writable, load_model, save_checkpoint
 from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, progress,
                   resize_crop, script, toy_classifier)
 from parallel import init_distributed
@@ -152,6 +152,9 @@ def main(argv=None):
         die(f"argument --inception_weights: no file {args.inception_weights!r}")
     world, rank, device = init_distributed(args.device, args.dist_timeout)
     model, train_args = load_model(args.ckpt, device, ema=not args.raw_weights)
+    for flag, path in (("--out", root), ("--out_dir", args.out_dir), ("--npz", args.npz)):
+        if path:                                                            # each output's folder, before sampling
+            check_writable(os.path.dirname(os.path.abspath(path)), flag)
     cfg = model.cfg
     if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes is not None):
         die("--cfg and --classes need a class-conditional model; this one is unconditional (use --cfg 1)")

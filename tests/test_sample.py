@@ -243,3 +243,14 @@ def test_toy_classifier_is_the_same_judge_for_every_run(tmp_path):
     torch.rand(100)
     b = toy_classifier(str(tmp_path / "b.pt"), steps=2).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flag, value", [("--out", "{f}/grid.png"), ("--out_dir", "{f}/pngs"), ("--npz", "{f}/s.npz")])
+def test_an_unwritable_output_stops_before_sampling(ckpt, tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.setattr(sample, "generate", None)                                # never reached
+    (tmp_path / "f").write_text("a file, not a folder")                         # its 'subfolder' cannot be made
+    target = value.format(f=tmp_path / "f")
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--ckpt", ckpt, flag, target])
+    assert exc.value.code == 2
+    assert f"cannot write to {flag} {str(tmp_path / 'f')!r}: " in capsys.readouterr().err
