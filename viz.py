@@ -141,7 +141,8 @@ def main(argv=None):
     p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
-    p.add_argument("--n", type=number(2, cast=int), default=1000, help="images to encode (and prior points)")
+    p.add_argument("--n", type=number(2, 10_000, cast=int), default=1000,   # pairwise cosines: n^2 doubles
+                   help="images to encode (and prior points), at most 10000")
     p.add_argument("--steps", type=COUNT, default=6, help="Algorithm 1 steps for the trajectory")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz; --log: the log's folder)")
     p.add_argument("--log", default=None, help="instead, plot a train.py log.jsonl: losses, grad norm (loss.png)")

@@ -250,7 +250,7 @@ def test_checkpoint_messages_name_the_cause(ckpt, tmp_path):
 
 @pytest.mark.parametrize("main, argv, message", [
     (sample.main, ["--ckpt", "x.pt", "--batch_size", "0"], "argument --batch_size: must be an integer >= 1"),
-    (viz.main, ["--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
+    (viz.main, ["--n", "1"], "argument --n: must be an integer in [2, 10000], got '1'"),
     (edit.main, ["recon", "--steps", "0"], "argument --steps: must be an integer >= 1"),
     (edit.main, ["recon", "--target", "-1"], "argument --target: must be an integer >= 0"),
     (bench.main, ["--model", "Q"], "argument --model: invalid choice: 'Q'"),
