@@ -68,6 +68,20 @@ def reference(ref, train_args, size):
     return ds, cache_name("ref", ref, size, len(ds))
 
 
+INCEPTION = ("put torch-fidelity's Inception weights weights-inception-2015-12-05-6726825d.pth somewhere and pass "
+             "--inception_weights PATH")
+
+
+def load_inception(weights):
+    """torch-fidelity's Inception (downloaded, or --inception_weights), loaded before sampling: offline fails now."""
+    from torch_fidelity.utils import create_feature_extractor
+    try:
+        create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
+                                 feature_extractor_weights_path=weights)
+    except Exception as err:                                                # offline download, a bad file
+        raise DataError(f"FID/IS need the Inception weights ({str(err).splitlines()[0]}): {INCEPTION}") from None
+
+
 def fidelity(samples, args, ref):
     """FID / IS of uint8 samples (N, 3, H, W) by torch-fidelity; ref: reference()'s (images, cache name)."""
     import torch_fidelity
@@ -76,9 +90,8 @@ def fidelity(samples, args, ref):
               verbose=False, cuda=torch.cuda.is_available(), feature_extractor_weights_path=args.inception_weights)
     try:
         return torch_fidelity.calculate_metrics(**kw)
-    except Exception as err:                                                # offline Inception download, ...
-        raise DataError(f"torch-fidelity failed ({str(err).splitlines()[0]}). Offline, put the Inception weights "
-                        f"weights-inception-2015-12-05-6726825d.pth somewhere and pass --inception_weights PATH") from None
+    except Exception as err:                                                # an unreadable --ref image, ...
+        raise DataError(f"torch-fidelity failed ({str(err).splitlines()[0]}); offline, {INCEPTION}") from None
 
 
 def frechet_distance(f1, f2):
@@ -164,6 +177,8 @@ def main(argv=None):
     if args.toy_metrics and train_args["dataset"] != "toy":
         die("--toy_metrics is for models trained on the toy data")
     ref = reference(args.ref, train_args, cfg.image_size) if args.fid and rank == 0 else None   # bad --ref: fail now
+    if (args.fid or args.is_) and rank == 0:
+        load_inception(args.inception_weights)                              # no Inception weights: fail now too
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     sigma = sigma_max(args.alpha if args.alpha is not None else train_args["alpha"])
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)] if cfg.num_classes else [-1] * n)

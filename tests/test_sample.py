@@ -183,6 +183,7 @@ def test_fid_gets_the_ref_at_model_size_and_offline_error_names_the_weights_flag
         seen.update(kw)
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", offline)
+    monkeypatch.setattr(sample, "load_inception", lambda weights: None)        # as if the weights were cached
     with pytest.raises(SystemExit) as exc:
         sample.main(["--ckpt", ckpt, "--n", "4", "--steps", "1", "--fid", "--ref", str(tmp_path / "ref.npz"),
                      "--out", str(tmp_path / "f.png")])
@@ -191,6 +192,20 @@ def test_fid_gets_the_ref_at_model_size_and_offline_error_names_the_weights_flag
     assert len(seen["input1"]) == 4 and seen["input1"][0].dtype == torch.uint8 and seen["input1"][0].shape == (3, 32, 32)
     assert len(seen["input2"]) == 6 and seen["input2"][5].dtype == torch.uint8 and seen["input2"][5].shape == (3, 32, 32)
     assert seen["input2_cache_name"].startswith("sphere-ref-") and seen["input2_cache_name"].endswith("-32px-6")
+
+
+def test_missing_inception_weights_fail_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
+    import torch_fidelity.utils
+
+    def offline(*args, **kw):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", offline)
+    monkeypatch.setattr(sample, "generate", None)                                # never reached
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--ckpt", ckpt, "--is", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "FID/IS need the Inception weights (<urlopen error" in err and err.endswith("--inception_weights PATH")
 
 
 def test_bad_ref_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
