@@ -127,6 +127,9 @@ class Checkpointer:
         if self.ema is not None and "ema" in ckpt:
             self.ema.load_state_dict(ckpt["ema"])
         rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else {}   # same world size: exact resume
+        if len(ckpt["rng"]) != self.world and self.rank == 0:
+            print(f"note: saved by {len(ckpt['rng'])} process(es), resumed on {self.world}: the weights and step carry "
+                  f"over, the data order and noise differ from an uninterrupted run's", flush=True)
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.startswith("cuda"):

@@ -70,8 +70,12 @@ def test_checkpoints_move_between_fsdp_and_ddp(wrapped, tmp_path):
     f, d = (shutil.copytree(wrapped[k], str(tmp_path / k)) for k in ("fsdp", "ddp"))
     r = torchrun(2, "--max_steps", "4", "--out_dir", f, "--resume")          # FSDP -> DDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert "note: saved by" not in r.stdout                                      # same world size: exact
     r = torchrun(2, "--fsdp", "--max_steps", "4", "--out_dir", d, "--resume")  # DDP -> FSDP
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    r = run("train.py", *FAST, "--max_steps", "5", "--out_dir", d, "--resume")   # 2 processes -> 1
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert "note: saved by 2 process(es), resumed on 1: the weights and step carry over" in r.stdout
     r = run("sample.py", "--ckpt", os.path.join(f, "last.pt"), "--steps", "2", "--n", "4",
             "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0 and os.path.isfile(tmp_path / "s.png"), r.stderr
