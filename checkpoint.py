@@ -52,8 +52,9 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:                                                # never torch's weights_only paragraph
-        if found := re.search(r"GLOBAL ([\w.]+)", str(err)):                # a pickled object: ours never hold one
-            raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}") from None
+        if found := re.search(r"GLOBAL ([\w.]+)", str(err)):                # a pickled object
+            raise DataError(f"{path!r} is not a train.py checkpoint: it holds a pickled {found[1]}, which ours never "
+                            f"do") from None
         cause = re.search(r"WeightsUnpickler error: (.*)", str(err))
         raise DataError(f"{path!r} is corrupt: {cause[1] if cause else str(err).splitlines()[0][:200]}") from None
 
@@ -73,7 +74,8 @@ def load_checkpoint(path):
 
 
 def load_model(path, device="cpu", ema=True):
-    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint; its EMA weights if any and ema."""
+    """A SphereEncoder (eval mode) and its training args from a train.py checkpoint: the EMA weights when it has
+    them (train.py --ema) and ema is set, else the trained ones."""
     ckpt = load_checkpoint(path)
     ema = ema and "ema" in ckpt
     if ema and os.environ.get("RANK", "0") == "0":                          # once under torchrun
@@ -87,7 +89,8 @@ def load_model(path, device="cpu", ema=True):
 
 
 def load_model_and_data(args):
-    """viz.py, edit.py: load_model(--ckpt, --raw_weights), its training args, the images of --dataset or the ckpt's."""
+    """viz.py, edit.py: the model of --ckpt (EMA weights unless --raw_weights), its training args, the images of
+    --dataset (default: the checkpoint's)."""
     model, targs = load_model(args.ckpt, args.device, ema=not args.raw_weights)
     return model, targs, build_dataset(args.dataset or targs["dataset"], args.data_dir or targs.get("data_dir"),
                                        model.cfg.image_size)[0]

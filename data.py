@@ -56,7 +56,8 @@ def int_list(text):
 
 
 def number(lo, hi=None, cast=float, lo_open=False, hi_open=False):
-    """An argparse type: a finite number (int for cast=int) in [lo, hi] (lo_open, hi_open: open ends; no hi: >= lo)."""
+    """An argparse type: a finite number (int for cast=int) in [lo, hi] (lo_open, hi_open: open ends; no hi: >= lo);
+    else argparse's one-line error naming the flag, like: must be a number in (0, 90), got '95'."""
     what, left, right = "an integer" if cast is int else "a number", "(["[not lo_open], ")]"[not hi_open]
     what += f" {'>' if lo_open else '>='} {lo}" if hi is None else f" in {left}{lo}, {hi}{right}"
     def parse(text):

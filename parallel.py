@@ -32,8 +32,9 @@ def init_distributed(device, timeout_s=7200):
 
 
 def shard(model, device, world, compile_blocks=False, bf16=None):
-    """FSDP2: a unit per block and per Mixer, then the rest; bf16 compute, fp32 grad reduction, inputs' dtype kept (the
-    stream's is model.py's). compile_blocks: compile each Block and MixerBlock first (FSDP2's hooks can't be traced)."""
+    """FSDP2: a unit per block and per Mixer, then the rest; under bf16 (GPU) bf16 compute, fp32 grad reduction; units
+    keep their inputs' dtype (the stream's is model.py's). compile_blocks: compile each Block and MixerBlock first
+    (FSDP2's hooks can't be traced)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = dist.init_device_mesh(device.split(":")[0], (world,))
     bf16 = device.startswith("cuda") if bf16 is None else bf16            # the training precision (--precision)
@@ -56,7 +57,8 @@ GIB = 2 ** 30
 
 def activation_bytes(cfg, a=2, fused_norm=True, grad_ckpt=False):
     """(held, recomputed) bytes per training image: saved for backward, and live while grad_ckpt recomputes a block.
-    a: matmul/attention bytes (bf16 2, fp32 4); fused_norm: RMSNorm saves input, 1/rms (CUDA), not normalized (CPU)."""
+    a: bytes of matmul/attention tensors (bf16 2, fp32 4); fused_norm: RMSNorm saves its input and 1/rms (CUDA),
+    not also its normalized input (CPU)."""
     s, N, HW = 4, cfg.grid ** 2, cfg.image_size ** 2
     norm = s * (1 if fused_norm else 2)                                    # per channel: input (+ normalized)
 

@@ -79,7 +79,11 @@ def load_inception(weights):
         create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
                                  feature_extractor_weights_path=weights)
     except Exception as err:                                                # offline download, a bad file
-        raise DataError(f"FID/IS need the Inception weights ({str(err).splitlines()[0]}): {INCEPTION}") from None
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if weights:
+            raise DataError(f"--inception_weights {weights!r}: not torch-fidelity's Inception weights "
+                            f"({cause})") from None
+        raise DataError(f"FID/IS need the Inception weights ({cause}): {INCEPTION}") from None
 
 
 def fidelity(samples, args, ref):
@@ -151,7 +155,8 @@ def main(argv=None):
     p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
     p.add_argument("--fid", action="store_true", help="FID against the training set / --ref (torch-fidelity)")
     p.add_argument("--is", dest="is_", action="store_true", help="Inception Score (torch-fidelity)")
-    p.add_argument("--ref", help="FID reference (default: the training set): an image folder tree or an ADM .npz batch")
+    p.add_argument("--ref", help="FID reference (default: the training set): an image folder tree (resized and cropped "
+                   "as in training) or an ADM .npz batch (VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
     p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     p.add_argument("--toy_metrics", action="store_true", help="toy data: offline scores in a toy classifier's features")
@@ -165,9 +170,6 @@ def main(argv=None):
         die(f"argument --inception_weights: no file {args.inception_weights!r}")
     world, rank, device = init_distributed(args.device, args.dist_timeout)
     model, train_args = load_model(args.ckpt, device, ema=not args.raw_weights)
-    for flag, path in (("--out", root), ("--out_dir", args.out_dir), ("--npz", args.npz)):
-        if path:                                                            # each output's folder, before sampling
-            check_writable(os.path.dirname(os.path.abspath(path)), flag)
     cfg = model.cfg
     if cfg.num_classes == 0 and (args.cfg != 1.0 or args.classes is not None):
         die("--cfg and --classes need a class-conditional model; this one is unconditional (use --cfg 1)")
@@ -179,6 +181,13 @@ def main(argv=None):
     ref = reference(args.ref, train_args, cfg.image_size) if args.fid and rank == 0 else None   # bad --ref: fail now
     if (args.fid or args.is_) and rank == 0:
         load_inception(args.inception_weights)                              # no Inception weights: fail now too
+    suffixes = {s: f"_{s}step" if len(args.steps) > 1 else "" for s in args.steps}   # a --steps sweep: a file each
+    if rank == 0:                                                           # rank 0 writes: its folders, checked now
+        check_writable(os.path.dirname(os.path.abspath(root)), "--out")
+        for suffix in suffixes.values() if args.out_dir else []:
+            check_writable(args.out_dir + suffix, "--out_dir")
+        if args.npz:
+            check_writable(os.path.dirname(os.path.abspath(args.npz)), "--npz")
     n = args.n or (8 * len(classes) if 0 < len(classes) <= 32 else 64)
     sigma = sigma_max(args.alpha if args.alpha is not None else train_args["alpha"])
     labels = torch.tensor([classes[i * len(classes) // n] for i in range(n)] if cfg.num_classes else [-1] * n)
@@ -212,9 +221,8 @@ def main(argv=None):
         err, acc, per_class = toy_recon_scores(model, clf)
         print(f"reconstructions: colour error {err:.1f} / 255 (mean colour per image and channel), class accuracy "
               f"{acc:.3f}\n  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()))
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     for steps, u8, first in results:
-        suffix = f"_{steps}step" if len(args.steps) > 1 else ""
+        suffix = suffixes[steps]
         by_class = cfg.num_classes and len(classes) <= 32 and n <= 512
         save_image(u8[:512] / 255, root + suffix + ext, nrow=max(1, n // len(classes)) if by_class else 16)
         print(f"wrote {root}{suffix}{ext} ({n} samples, {steps} step(s), cfg {args.cfg} {args.cfg_position})")
@@ -222,7 +230,6 @@ def main(argv=None):
             save_image(first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5, f"{root}{suffix}_per_step{ext}", nrow=steps)
             print(f"wrote {root}{suffix}_per_step{ext} (rows: {first.shape[1]} samples, columns: steps 1..{steps})")
         if args.out_dir:
-            os.makedirs(args.out_dir + suffix, exist_ok=True)
             for j, x in enumerate(u8):
                 save_image(x / 255, os.path.join(args.out_dir + suffix, f"{j:06d}.png"))
         if args.npz:

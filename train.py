@@ -241,8 +241,9 @@ PREEMPTED = 3                                   # exit code: stopped by a signal
 
 @torch.no_grad()
 def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
-    """Rank 0: samples_<step>.png (a row a class, up to 10; Algorithm 1, fixed noise), recon_<step>.png, from the EMA or
-    the model; under FSDP from a copy built on `meta` given the gathered weights (sd: the checkpoint's) and buffers."""
+    """Called on every rank (FSDP gathers the weights); rank 0 writes samples_<step>.png (a row a class, up to 10;
+    Algorithm 1, fixed noise) and recon_<step>.png from the EMA or the model, under FSDP from a copy built on `meta`
+    given the gathered weights (sd: the checkpoint's gather, if this step saved one) and the model's buffers."""
     if args.fsdp and sd is None:                                            # a collective: on every rank
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not master:

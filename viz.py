@@ -24,7 +24,8 @@ def project(v, P):
 
 def uniformity(v, t=2.0):
     """Ours (docs/reference.md Sec. 8): U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola),
-    cos_std = std of pairwise cosines x sqrt(L), eff_dim = (sum lambda)^2 / sum lambda^2 of the covariance, cos."""
+    cos_std = std of pairwise cosines x sqrt(L), eff_dim = (sum lambda)^2 / sum lambda^2 of the covariance, and the
+    pairwise cosines. Uniform on the sphere: U ~ -4, cos_std ~ 1; collapsed: U ~ 0."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)       # (n, L)
     i, j = torch.triu_indices(len(u), len(u), offset=1)
     c = (u @ u.T)[i, j]                                                     # pairwise cosines

@@ -208,6 +208,15 @@ def test_missing_inception_weights_fail_before_sampling(ckpt, tmp_path, capsys, 
     assert "FID/IS need the Inception weights (<urlopen error" in err and err.endswith("--inception_weights PATH")
 
 
+def test_bad_inception_weights_file_is_named(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "generate", None)                                # never reached
+    (tmp_path / "w.pth").write_text("not weights")
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--ckpt", ckpt, "--is", "--inception_weights", str(tmp_path / "w.pth")])
+    assert exc.value.code == 2
+    assert f"--inception_weights {str(tmp_path / 'w.pth')!r}: not torch-fidelity's" in capsys.readouterr().err
+
+
 def test_bad_ref_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sample, "generate", None)                                # never reached
     with pytest.raises(SystemExit) as exc:
@@ -260,12 +269,19 @@ def test_toy_classifier_is_the_same_judge_for_every_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("flag, value", [("--out", "{f}/grid.png"), ("--out_dir", "{f}/pngs"), ("--npz", "{f}/s.npz")])
-def test_an_unwritable_output_stops_before_sampling(ckpt, tmp_path, capsys, monkeypatch, flag, value):
+@pytest.mark.parametrize("flag, value, folder", [("--out", "f/grid.png", "f"), ("--npz", "f/s.npz", "f"),
+                                                  ("--out_dir", "f", "f"), ("--out_dir", "f/pngs", "f/pngs")])
+def test_an_unwritable_output_stops_before_sampling(ckpt, tmp_path, capsys, monkeypatch, flag, value, folder):
     monkeypatch.setattr(sample, "generate", None)                                # never reached
-    (tmp_path / "f").write_text("a file, not a folder")                         # its 'subfolder' cannot be made
-    target = value.format(f=tmp_path / "f")
+    (tmp_path / "f").write_text("a file, not a folder")
     with pytest.raises(SystemExit) as exc:
-        sample.main(["--ckpt", ckpt, flag, target])
+        sample.main(["--ckpt", ckpt, flag, str(tmp_path / value)])
     assert exc.value.code == 2
-    assert f"cannot write to {flag} {str(tmp_path / 'f')!r}: " in capsys.readouterr().err
+    assert f"cannot write to {flag} {str(tmp_path / folder)!r}: " in capsys.readouterr().err
+
+
+def test_a_bad_flag_found_after_loading_leaves_no_folder(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--classes", "99", "--out", str(tmp_path / "a/g.png"), "--out_dir",
+                     str(tmp_path / "b"), "--npz", str(tmp_path / "c/s.npz")])
+    assert "class ids must be in 0..9" in capsys.readouterr().err and os.listdir(tmp_path) == []
