@@ -80,10 +80,8 @@ def load_inception(weights):
                                  feature_extractor_weights_path=weights)
     except Exception as err:                                                # offline download, a bad file
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if weights:
-            raise DataError(f"--inception_weights {weights!r}: not torch-fidelity's Inception weights "
-                            f"({cause})") from None
-        raise DataError(f"FID/IS need the Inception weights ({cause}): {INCEPTION}") from None
+        raise DataError(f"--inception_weights {weights!r}: not torch-fidelity's Inception weights ({cause})" if weights
+                        else f"FID/IS need the Inception weights ({cause}): {INCEPTION}") from None
 
 
 def fidelity(samples, args, ref):
