@@ -402,7 +402,8 @@ def main(argv=None):
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses["total"].detach()), step, bad_step)
             step += 1
             bar.update(1)
-            if not (due(args.log_every) or (args.ckpt_every and due(args.ckpt_every)) or (world == 1 and signals.got)):
+            if not (due(args.log_every) or due(args.sample_every) or (args.ckpt_every and due(args.ckpt_every))
+                    or (world == 1 and signals.got)):
                 continue
             timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)   # <= 1% saving
             first_bad, timed_save, signalled = agree(bad_step, timed_save, signals.got is not None, bad, device)

@@ -181,3 +181,9 @@ def test_folder_takes_the_papers_settings_for_its_image_size(tmp_path, capsys):
     args, _ = train.get_args(flags("large", "--alpha", "84"))
     assert (args.image_size, args.alpha, args.band, args.epochs) == (256, 84, 89, 1000)
     assert "Flowers' settings at 256px" in capsys.readouterr().out
+
+
+def test_grids_come_every_sample_every_steps_between_log_steps(tmp_path):
+    out = str(tmp_path / "o")
+    train.main(FAST + ["--max_steps", "6", "--log_every", "4", "--sample_every", "3", "--out_dir", out])
+    assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_0000003.png", "samples_0000006.png"]
