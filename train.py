@@ -101,7 +101,7 @@ def get_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16: autocast (default on GPU); fp32 (CPU)")
     p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, help="recompute in backward (GPU: planned)")
     p.add_argument("--dry_run", action="store_true", help="print the per-GPU memory plan and exit")
-    p.add_argument("--gpus", type=COUNT, help="GPUs to plan for (default: the processes launched)")
+    p.add_argument("--gpus", type=COUNT, help="--dry_run: GPUs to plan for (default: the processes launched)")
     p.add_argument("--gpu_mem", type=POSITIVE, help="GB per GPU to plan for (default: the GPU's, or 80)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
     args = p.parse_args(argv)
@@ -134,6 +134,8 @@ def get_args(argv=None):
         p.error(f"--warmup_epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
     if not any(args.w):
         p.error("--weights are all 0: nothing to train")
+    if args.gpus and not args.dry_run:                                      # a run plans for what torchrun launched
+        p.error("--gpus is for --dry_run; a run plans for the processes it has (torchrun --nproc_per_node)")
     return args, ckpt
 
 

@@ -125,6 +125,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     (["--max_steps", "ten"], "argument --max_steps: must be an integer >= 0, got 'ten'"),
     (["--epochs", "nan"], "argument --epochs: must be a number > 0"),
     (["--batch_size", "6", "--grad_accum", "4"], "multiple of"),
+    (["--gpus", "3"], "--gpus is for --dry_run"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     assert message in train_error(args + ["--out_dir", str(tmp_path / "out")], capsys)
