@@ -407,7 +407,8 @@ def main(argv=None):
             if not (due(args.log_every) or due(args.sample_every) or (args.ckpt_every and due(args.ckpt_every))
                     or (world == 1 and signals.got)):
                 continue
-            timed_save = not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s)   # <= 1% saving
+            timed_save = (master and not args.ckpt_every                    # rank 0's clock: it writes the file
+                          and time.time() - saved_at >= max(60.0, 100 * save_s))   # <= 1% of the time saving
             first_bad, timed_save, signalled = agree(bad_step, timed_save, signals.got is not None, bad, device)
             if msg := check_health(first_bad, bad, ds, args, checkpointer.saved_step):
                 stop(msg, code=1 if first_bad >= 0 else 2)
