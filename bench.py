@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import COUNT, die, parser, script
+from data import COUNT, die, parser, print0, script
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import LATENTS, SIZES, SphereEncoder, make_config
 from parallel import init_distributed, shard
@@ -36,7 +36,7 @@ def timed(fn, device, iters):
     return sorted(once() for _ in range(iters))[iters // 2]
 
 
-def bench(args, mode, world, dev, measured, known, print0):
+def bench(args, mode, world, dev, measured, known):
     """One mode's train step (eager, or compiled as train.py --compile), printed: time, memory, FLOP estimate, MFU.
     Eager on one process also where the time goes (each part alone, fwd + bwd), the FLOPs counted by torch to check
     the estimate (math SDPA, so attention is counted) and the sampling speed."""
@@ -115,7 +115,7 @@ def main(argv=None):
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     args = p.parse_args(argv)
-    world, rank, dev = init_distributed(args.device, args.dist_timeout)
+    world, _, dev = init_distributed(args.device, args.dist_timeout)
     if args.fsdp and world == 1:
         die("--fsdp needs a torchrun launch with 2 or more processes")
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
@@ -123,11 +123,10 @@ def main(argv=None):
     n, dtype = (8192, torch.bfloat16) if dev.startswith("cuda") else (1024, torch.float32)   # in the training dtype
     a, b = torch.randn(2, n, n, device=dev, dtype=dtype)
     measured = 2 * n ** 3 / timed(lambda: a @ b, dev, args.iters)                         # a large matmul's FLOP/s
-    print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(f"machine: {name} | measured matmul {measured / 1e12:.3f} TFLOP/s"
            + (f" | bf16 peak {known / 1e12:.0f} TFLOP/s" if known else ""))
     for mode in (["eager", "compile"] if args.compile else ["eager"]):
-        bench(args, mode, world, dev, measured, known, print0)
+        bench(args, mode, world, dev, measured, known)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from data import DataError, build_dataset, die
+from data import DataError, build_dataset, die, print0
 from model import Config, SphereEncoder
 
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
@@ -78,8 +78,8 @@ def load_model(path, device="cpu", ema=True):
     them (train.py --ema) and ema is set, else the trained ones."""
     ckpt = load_checkpoint(path)
     ema = ema and "ema" in ckpt
-    if ema and os.environ.get("RANK", "0") == "0":                          # once under torchrun
-        print(f"using the EMA weights of {path} (--raw_weights for the trained ones)")
+    if ema:
+        print0(f"using the EMA weights of {path} (--raw_weights for the trained ones)")
     try:
         model = SphereEncoder(Config(**ckpt["config"]))
         model.load_state_dict(ckpt["ema" if ema else "model"])
@@ -130,9 +130,9 @@ class Checkpointer:
         if self.ema is not None and "ema" in ckpt:
             self.ema.load_state_dict(ckpt["ema"])
         rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else {}   # same world size: exact resume
-        if len(ckpt["rng"]) != self.world and self.rank == 0:
-            print(f"note: saved by {len(ckpt['rng'])} process(es), resumed on {self.world}: the weights and step carry "
-                  f"over, the data order and noise differ from an uninterrupted run's", flush=True)
+        if len(ckpt["rng"]) != self.world:
+            print0(f"note: saved by {len(ckpt['rng'])} process(es), resumed on {self.world}: the weights and step carry "
+                   f"over, the data order and noise differ from an uninterrupted run's")
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.startswith("cuda"):

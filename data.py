@@ -24,6 +24,12 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+def print0(*args):
+    """print, flushed, on rank 0 only: under torchrun one line, not one per process."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
+
+
 def script(main):
     """Wraps a script's main(argv): a DataError in it ends the script with its one line (die)."""
     @functools.wraps(main)

@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from data import DataError, die
+from data import DataError, die, print0
 from model import Block, MixerBlock, SphereEncoder
 
 
@@ -137,8 +137,7 @@ def fit_to_gpu(args, cfg, world, device):
         fix = (f"--grad_accum {auto['grad_accum']} {'--grad_ckpt' if auto['grad_ckpt'] else '--no-grad_ckpt'}"
                if auto["fits"] else "--fsdp, more GPUs, a smaller --model or --image_size")
         die(f"a step needs ~{plan['est_gb']:.0f} GB per GPU ({line[6:]}), more than 85% of {mem:.0f} GB; try {fix}")
-    if int(os.environ.get("RANK", 0)) == 0:                                # one line per run, not per GPU
-        print(line, flush=True)
+    print0(line)
     if args.dry_run:
         raise SystemExit(0)
     args.grad_accum, args.grad_ckpt = plan["grad_accum"], plan["grad_ckpt"]

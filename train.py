@@ -25,7 +25,7 @@ from torchvision.utils import save_image
 
 from checkpoint import Checkpointer, check_out_dir, load_checkpoint
 from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, build_dataset,
-                  default_workers, die, folder_settings, parser, progress, script)
+                  default_workers, die, folder_settings, parser, print0, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
 from parallel import fit_to_gpu, init_distributed, shard
@@ -54,9 +54,8 @@ def folder_defaults(args):
     size = (32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256)
     taken = ", ".join(f"--{k} {DATASETS[like][k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
                       if getattr(args, k) is None)
-    if int(os.environ.get("RANK", 0)) == 0:                                # torchrun: one line, not one per GPU
-        print(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{px}px -> {name} settings at "
-              f"{size}px: {taken} (each a flag)", flush=True)
+    print0(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{px}px -> {name} settings at "
+           f"{size}px: {taken} (each a flag)")
     return {**DATASETS[like], "image_size": size}
 
 
@@ -327,7 +326,7 @@ def check_health(first_bad, bad, ds, args, saved_step):
                 f"{args.dataset} --data_dir {args.data_dir}")
 
 
-def ddp_check(model, world, print0):
+def ddp_check(model, world):
     """Safety net at the end: DDP must have kept every replica identical."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
     dist.broadcast(ref := flat.clone(), 0)
@@ -354,7 +353,6 @@ def main(argv=None):
     args, ckpt = get_args(argv)
     world, rank, device = init_distributed(args.device, args.dist_timeout)
     master = rank == 0
-    print0 = lambda *a: master and print(*a, flush=True)
     if args.fsdp and not dist.is_initialized() and not args.dry_run:
         die("--fsdp shards over processes: launch with torchrun --nproc_per_node=N")
     if args.fsdp and args.ema > 0:
@@ -427,7 +425,7 @@ def main(argv=None):
                 save_grids(model, ema, x, args, step, device, master, sd)
     if dist.is_initialized():
         if not args.fsdp:
-            ddp_check(model, world, print0)
+            ddp_check(model, world)
         dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
