@@ -13,13 +13,7 @@ from torchvision.utils import save_image
 
 from checkpoint import load_model_and_data
 from data import COUNT, PROB, STEPS, WEIGHT, die, int_list, number, parser, script
-from spherify import generate, refine, sampling_r, sigma_max, spherify
-
-
-@torch.no_grad()
-def reconstruct(model, x, y=None):
-    """Eq. 2: D(f(E(x))), with the null class by default (docs/reference.md Sec. 2), r = 0."""
-    return model.decode(spherify(model.encode(x, y)), y).float()
+from spherify import generate, reconstruct, refine, sampling_r, sigma_max
 
 
 def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):

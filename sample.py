@@ -20,7 +20,7 @@ from checkpoint import check_writable, load_model, save_checkpoint
 from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, progress,
                   resize_crop, script, toy_classifier)
 from parallel import init_distributed
-from spherify import generate, sigma_max, spherify
+from spherify import generate, reconstruct, sigma_max
 
 POST_DELAY = float(os.environ.get("SPHERE_POST_DELAY", 0))   # tests: rank 0's writing outlasts --dist_timeout
 
@@ -126,7 +126,7 @@ def toy_recon_scores(model, classifier, n=500, batch=250):
     """Reconstructions D(f(E(x))) of toy images: (mean |mean colour of x - of D(f(E(x)))| over images and
     channels in 0-255 units, the toy classifier's class accuracy on them, the same per class)."""
     x = torch.stack([ToyShapes()[i][0] for i in range(n)]).to(next(model.parameters()).device)   # toy images 0..n-1
-    rec = torch.cat([model.decode(spherify(model.encode(b))).float() for b in x.split(batch)])
+    rec = torch.cat([reconstruct(model, b) for b in x.split(batch)])        # Eq. 2
     acc, per_class = class_accuracy(classifier, rec.cpu().clamp(-1, 1), torch.arange(n) % 10)   # labels: i % 10
     return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item(), acc, per_class
 

@@ -5,6 +5,7 @@
   Eq. 11-12  sigma_max: the noise angle alpha <-> sigma = tan(alpha); angle_deg measures it
   Eq. 13     sampling_r: the noise strength at each sampling step
   Alg. 1     generate / refine: the walk on the sphere that samples, with CFG (App. C.1)
+  Eq. 2      reconstruct: D(f(E(x))), no noise
 """
 import math
 
@@ -118,3 +119,9 @@ def generate(model, e, y=None, steps=4, sigma_max=5.67, gamma=0.0, cfg=1.0, cfg_
     x = _guided(model.decode, v, y, w_pix, null).float().clamp(-1, 1)
     rs = [sampling_r(t, steps, gamma) for t in range(2, steps + 1)]        # Eq. 13
     return [x] + refine(model, x, y, rs, sigma_max, cfg, cfg_position, noise, generator, trace)
+
+
+@torch.no_grad()
+def reconstruct(model, x, y=None):
+    """Eq. 2: D(f(E(x))), r = 0, with the null class by default (docs/reference.md Sec. 2): (B, C, H, W), fp32."""
+    return model.decode(spherify(model.encode(x, y)), y).float()

@@ -29,7 +29,7 @@ from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, b
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
 from parallel import fit_to_gpu, init_distributed, shard
-from spherify import generate, noise_levels, sigma_max, spherify
+from spherify import generate, noise_levels, reconstruct, sigma_max
 
 # Per-dataset defaults (docs/reference.md Sec. 2-5), each overridden by the flag of its name; base_lr (the peak lr at
 # global batch 256, scaled with --batch_size, Sec. 5) by --lr; w (Eq. 10: recon dist, recon perc, con dist, con perc,
@@ -266,7 +266,7 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
     with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):
         imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
-        recon = model.decode(spherify(model.encode(x[:n]))).float()        # D(f(E(x))): null class, r = 0
+        recon = reconstruct(model, x[:n])                                  # Eq. 2: D(f(E(x)))
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
     save_image(torch.cat([x[:n], recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n)
     model.train(was_training)
