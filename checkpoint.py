@@ -26,7 +26,7 @@ def save_checkpoint(obj, path, write=None, what="checkpoint"):
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            (write or torch.save)(obj, f)
+            (write or torch.save)(obj, f)                                   # torch.save looked up now
             time.sleep(SAVE_DELAY)                                          # part of it is still buffered
             f.flush()
             os.fsync(f.fileno())
@@ -131,8 +131,8 @@ class Checkpointer:
             self.ema.load_state_dict(ckpt["ema"])
         rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else {}   # same world size: exact resume
         if len(ckpt["rng"]) != self.world:
-            print0(f"note: saved by {len(ckpt['rng'])} process(es), resumed on {self.world}: the weights and step carry "
-                   f"over, the data order and noise differ from an uninterrupted run's")
+            print0(f"note: saved by {len(ckpt['rng'])} process(es), resumed on {self.world}: the weights and step "
+                   f"carry over, the data order and noise differ from an uninterrupted run's")
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.startswith("cuda"):
@@ -141,6 +141,7 @@ class Checkpointer:
         return ckpt["step"], list(ckpt.get("bad_images", []))
 
     def save(self, step, bad):
+        """Rank 0 writes last.pt (every rank joins the gathers) -> under FSDP the gathered weights, for the grids."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -148,14 +149,16 @@ class Checkpointer:
         if self.world > 1:
             dist.all_gather_object(rngs, rng)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd, osd = get_model_state_dict(self.model, options=full), get_optimizer_state_dict(self.model, self.opt, options=full)
+        sd = get_model_state_dict(self.model, options=full)
+        osd = get_optimizer_state_dict(self.model, self.opt, options=full)
+        gathered = sd if self.args.fsdp else None                           # ranks > 0: {}, rank 0 has them
         if self.rank > 0:
-            return sd                                                       # {}: rank 0 has the full weights
+            return gathered
         obj = {"model": sd, "optimizer": osd, "step": step, "config": asdict(self.cfg), "args": vars(self.args),
                "rng": rngs, "bad_images": bad, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
         save_checkpoint(obj, self.path)                                     # DataError on a full disk
         self.saved_step = step
         if self.args.keep_every and step % self.args.keep_every == 0:
             save_checkpoint(obj, os.path.join(self.args.out_dir, f"ckpt_{step:07d}.pt"))
-        return sd                                                           # the gathered weights, for the grids
+        return gathered
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 
-from checkpoint import Checkpointer, check_out_dir, load_checkpoint
+from checkpoint import Checkpointer, check_out_dir, check_writable, load_checkpoint
 from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, build_dataset,
                   default_workers, die, folder_settings, parser, print0, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
@@ -153,7 +153,7 @@ def lr_range(args):
 
 
 def get_lr(step, peak, warmup, total, min_lr):
-    """Linear warmup, cosine to min_lr at total - warmup, then held (docs/reference.md Sec. 2 LR [released])."""
+    """Linear warmup, cosine to min_lr at total - warmup, then held (docs/reference.md Sec. 5 [released])."""
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
     t = (step - warmup) / max(1, total - 2 * warmup)
@@ -221,7 +221,7 @@ def build_model(cfg, args, world, rank, device, ckpt):
 
 
 class StopSignal:
-    """SIGTERM (a cluster's notice) or SIGINT (Ctrl-C): finish the step, all ranks write last.pt, exit PREEMPTED; a
+    """SIGTERM (a cluster's notice) or SIGINT (Ctrl-C): finish the step, write last.pt, exit PREEMPTED; a
     second Ctrl-C stops at once. Set before the loader's workers start: they inherit it, so live until the save."""
     def __enter__(self):
         self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -285,7 +285,7 @@ def micro_batches(data, args, ds, bad, bar, device):
 
 def train_step(net, model, opt, ema, batches, loss_fn, args):
     """One optimizer step over the micro-batches, gradients reduced across ranks on the last one only; clip,
-    AdamW, EMA. -> the last micro-batch's losses and images, the gradient norm."""
+    AdamW, EMA. -> the last micro-batch's losses, the gradient norm (a DTensor under FSDP), its images."""
     for i, (x, y) in enumerate(batches):
         last = i == args.grad_accum - 1
         if args.fsdp:
@@ -294,7 +294,6 @@ def train_step(net, model, opt, ema, batches, loss_fn, args):
             losses = loss_fn(x, y)
             (losses["total"] / args.grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ema is not None:
@@ -303,7 +302,7 @@ def train_step(net, model, opt, ema, batches, loss_fn, args):
 
 
 def agree(bad_step, timed_save, signalled, bad, device):
-    """The loop's one sync: the ranks agree (MAX) on the first non-finite step, a timed save, a signal; bad merged."""
+    """At a sync step: the ranks agree (MAX) on the first non-finite step, a timed save, a signal; bad merged."""
     flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -338,6 +337,7 @@ def ddp_check(model, world):
 def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
     """Loss terms and grad norm, averaged over ranks: a line under the progress bar and a record in log.jsonl."""
     names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
     logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
     if dist.is_initialized():
         dist.all_reduce(logs, op=dist.ReduceOp.AVG)
@@ -358,7 +358,7 @@ def main(argv=None):
     if args.fsdp and args.ema > 0:
         die("--ema is not supported with --fsdp")
     if not args.dry_run:
-        check_out_dir(args)
+        check_writable(args.out_dir, "--out_dir")                          # before the data; room: build_model
         if master and not args.resume and os.path.exists(log := os.path.join(args.out_dir, "log.jsonl")):
             os.remove(log)                                                  # a new run starts a new log
     ds, cfg, micro, max_steps, warmup = setup_data(args, ckpt, world, device)   # --dry_run: plan, exit
@@ -389,10 +389,10 @@ def main(argv=None):
     data = build_loader(ds, args, world, rank, device, micro, step)
     logged, t0, saved_at, save_s = step, time.time(), time.time(), 0.0
     bad_step = torch.tensor(-1, device=device)                              # first non-finite step, no sync
-    stop = lambda msg, code=2: bar.close() or die(msg, code)               # the error on a line of its own
     due = lambda every: step % every == 0 or step == max_steps              # every N steps, and the last
     with (progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True) as bar,
           StopSignal() as signals):                                         # closed, restored on any exit
+        stop = lambda msg, code=2: bar.close() or die(msg, code)           # the error on a line of its own
         while step < max_steps:
             lr_now = get_lr(step, lr, warmup, max_steps, min_lr)
             for group in opt.param_groups:
