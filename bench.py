@@ -10,14 +10,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import COUNT, die, parser, print0, script
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import LATENTS, SIZES, SphereEncoder, make_config
-from parallel import init_distributed, shard
+from parallel import init_distributed, wrap
 from spherify import generate, noise_levels
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
@@ -44,11 +43,7 @@ def bench(args, mode, world, dev, measured, known):
     torch.manual_seed(0)
     model = SphereEncoder(cfg).to(dev)
     model.set_grad_checkpointing(args.grad_ckpt)
-    if args.fsdp:                                                   # as train.py: FSDP compiles each block before
-        shard(model, dev, world, compile_blocks=compiled)          # sharding; else the whole net (DDP: its forward)
-    net = model if world == 1 or args.fsdp else DDP(   # as train.py: buffers are constants, grads are bucket views
-        model, device_ids=[dev] if cuda else None, forward_sync_buffers=False, gradient_as_bucket_view=True)
-    net = torch.compile(net) if compiled and not args.fsdp else net
+    net = wrap(model, dev, world, args.fsdp, compiled)              # as train.py: FSDP, DDP, compiled
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     perceptual = load_perceptual(pretrained=False).to(dev) if args.perceptual else None  # random VGG: same cost
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)

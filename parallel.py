@@ -7,6 +7,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, die, print0
 from model import Block, MixerBlock, SphereEncoder
@@ -46,6 +47,19 @@ def shard(model, device, world, compile_blocks=False, bf16=None):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP warns about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def wrap(model, device, world, fsdp=False, compile_model=False, bf16=None):
+    """The net a training step calls: under --fsdp the model itself, sharded in place (shard); else DDP under torchrun
+    (buffers are constants, grads are bucket views), compiled whole with compile_model."""
+    if fsdp:
+        shard(model, device, world, compile_blocks=compile_model, bf16=bf16)
+        return model
+    net = model
+    if dist.is_initialized():
+        net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, forward_sync_buffers=False,
+                  gradient_as_bucket_view=True)
+    return torch.compile(net) if compile_model else net
 
 
 # --- The memory plan: what a training step holds per GPU, before it runs. Activations: what the forward saves for

@@ -19,7 +19,6 @@ from copy import deepcopy
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 
@@ -28,7 +27,7 @@ from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, b
                   default_workers, die, folder_settings, parser, print0, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
-from parallel import fit_to_gpu, init_distributed, shard
+from parallel import fit_to_gpu, init_distributed, wrap
 from spherify import generate, noise_levels, reconstruct, sigma_max
 
 # Per-dataset defaults (docs/reference.md Sec. 2-5), each overridden by the flag of its name; base_lr (the peak lr at
@@ -203,20 +202,14 @@ def build_model(cfg, args, world, rank, device, ckpt):
     check_out_dir(args, model.num_params())
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    if args.fsdp:                                                           # --compile: per block, then shard
-        shard(model, device, world, compile_blocks=args.compile, bf16=args.precision == "bf16")
+    ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None   # before DDP's hooks
+    net = wrap(model, device, world, args.fsdp, args.compile, bf16=args.precision == "bf16")   # before AdamW: FSDP
     # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr_mult": args.enc_lr_mult},
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}], lr=1.0, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay, fused=device.startswith("cuda"))
-    ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
     step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
-    net = model
-    if dist.is_initialized() and not args.fsdp:                             # buffers are constants; no grad copy
-        net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, forward_sync_buffers=False,
-                  gradient_as_bucket_view=True)
-    net = torch.compile(net) if args.compile and not args.fsdp else net
     return model, opt, ema, checkpointer, net, step, bad
 
 
