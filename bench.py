@@ -100,7 +100,7 @@ def bench(args, mode, world, dev, measured, known):
 
 @script
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, dist=True)
     p.add_argument("--model", default="tiny", choices=list(SIZES))
     p.add_argument("--dataset", default="toy", choices=list(LATENTS), help="the latent shape")
     p.add_argument("--batch_size", type=COUNT, default=16)

@@ -41,15 +41,17 @@ def script(main):
     return run
 
 
-def parser(doc, device=True):
-    """A script's argparse: --help shows its docstring, a bad flag is one line (die); --device (cuda if any)."""
+def parser(doc, device=True, dist=False):
+    """A script's argparse: --help shows its docstring, a bad flag is one line (die); --device (cuda if any);
+    dist: --dist_timeout, for the scripts that run under torchrun."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     if device:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu")
+    if dist:
         p.add_argument("--dist_timeout", type=COUNT, default=7200,
-                       help="seconds a process waits for the others (rank 0 writing checkpoints, FID)")
+                       help="seconds a process waits for the others in a collective (e.g. rank 0 writing last.pt)")
     return p
 
 

@@ -135,7 +135,7 @@ def toy_recon_scores(model, classifier, n=500, batch=250):
 def main(argv=None):
     """Labels are balanced over the chosen classes and grouped, so grid rows are classes. Under torchrun the
     batches are dealt round-robin and gathered on rank 0; batch i is seeded by (seed, i) on any world size."""
-    p = parser(__doc__)
+    p = parser(__doc__, dist=True)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
     p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
     p.add_argument("--num_samples", "--n", dest="n", type=COUNT, help="default: 8 per class, or 64")

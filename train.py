@@ -59,7 +59,7 @@ def folder_defaults(args):
 
 
 def get_args(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, dist=True)
     p.add_argument("--dataset", choices=[*DATASETS, "folder"], help="default: toy (or the checkpoint's)")
     p.add_argument("--data_dir", help="dataset root (not needed for toy)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/flowers")
