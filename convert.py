@@ -92,7 +92,7 @@ def main(argv=None):
     p.add_argument("--ema", action="store_true", help="take the EMA weights (ema_model)")
     p.add_argument("--dataset", default=None, help="its dataset, for FID (default: from the class count)")
     p.add_argument("--data_dir", default=None, help="where that dataset lives (for FID, viz.py, edit.py)")
-    p.add_argument("--alpha", type=ANGLE, default=None, help="training noise angle (default: 80 at 32px, 85 above)")
+    p.add_argument("--alpha", type=ANGLE, default=None, help="training noise angle (default: 80 up to 64px, 85 above)")
     args = p.parse_args(argv)
     try:
         ckpt = read_checkpoint(args.src)                                    # weights_only: files from the internet
@@ -110,8 +110,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     save_checkpoint({"model": sd, "config": asdict(cfg), "args": targs, "step": 0}, args.dst)
     n = sum(v.numel() for v in sd.values())
-    print(f"wrote {args.dst}: {n / 1e6:.1f}M params, {cfg.image_size}px, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim}, "
-          f"enc {cfg.enc_width}x{cfg.enc_depth}, dec {cfg.dec_width}x{cfg.dec_depth}, {cfg.pixel_head} head, "
+    print(f"wrote {args.dst}: {n / 1e6:.1f}M params, {cfg.image_size}px, "
+          f"latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim}, enc {cfg.enc_width}x{cfg.enc_depth}, "
+          f"dec {cfg.dec_width}x{cfg.dec_depth}, {cfg.pixel_head} head, "
           f"{cfg.num_classes or 'no'} classes{' (EMA)' if args.ema else ''}")
 
 

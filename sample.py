@@ -59,7 +59,8 @@ def reference(ref, train_args, size):
         except Exception as err:                                            # no arr_0, not a zip, truncated, ...
             raise DataError(f"--ref {ref!r} is not an ADM reference batch ({str(err).splitlines()[0]})") from None
         if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3):
-            raise DataError(f"--ref {ref!r}: arr_0 is {x.dtype} {x.shape}; this model's are uint8 (N, {size}, {size}, 3)")
+            raise DataError(f"--ref {ref!r}: arr_0 is {x.dtype} {x.shape}; this model's are uint8 "
+                            f"(N, {size}, {size}, 3)")
         ds = Images(torch.from_numpy(x).permute(0, 3, 1, 2))               # (N, 3, S, S)
     else:
         raise DataError(f"--ref {ref!r} is neither an image folder nor an .npz reference batch (arr_0 uint8 NHWC)")
@@ -137,7 +138,8 @@ def main(argv=None):
     batches are dealt round-robin and gathered on rank 0; batch i is seeded by (seed, i) on any world size."""
     p = parser(__doc__, dist=True)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
-    p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps")
+    p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps "
+                   "(rank 0 holds every value's samples until it writes them)")
     p.add_argument("--num_samples", "--n", dest="n", type=COUNT, help="default: 8 per class, or 64")
     p.add_argument("--classes", type=int_list, default="all", help="'all' or a list like 3,5 (balanced over them)")
     p.add_argument("--cfg", type=number(1.0), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
@@ -147,7 +149,7 @@ def main(argv=None):
     p.add_argument("--alpha", type=ANGLE, default=None, help="noise angle, degrees (default: the training alpha)")
     p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)
     p.add_argument("--batch_size", type=COUNT, default=64)
-    p.add_argument("--out", default=None, help="grid PNG (default: <ckpt dir>/samples.png; a --steps sweep adds _<N>step)")
+    p.add_argument("--out", help="grid PNG (default: <ckpt dir>/samples.png; a --steps sweep adds _<N>step)")
     p.add_argument("--per_step", action="store_true", help="also save a grid of every step's images")
     p.add_argument("--out_dir", default=None, help="also save each sample as a PNG here")
     p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")

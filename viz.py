@@ -58,7 +58,8 @@ def plot_spheres(v, y, prior, out, views=3, seed=0):
         P = torch.randn(v.shape[1], 3, generator=g)
         for row, (pts, col, name) in enumerate(((v, y, "encoded images"), (prior, None, "prior f(e)"))):
             ax = sphere_axes(fig, (2, views, row * views + k + 1), f"{name}, projection {k + 1}")
-            ax.scatter(*project(pts, P).T, color="gray" if col is None else plt.cm.tab10(col.numpy() % 10), s=3, alpha=0.6)
+            color = "gray" if col is None else plt.cm.tab10(col.numpy() % 10)
+            ax.scatter(*project(pts, P).T, color=color, s=3, alpha=0.6)
     save(fig, out)
 
 
@@ -129,7 +130,8 @@ def plot_uniformity(L, stats, out):
     for name in ("prior", "encoded"):
         ax.hist((stats[name]["cos"] * math.sqrt(L)).numpy(), bins=100, density=True, alpha=0.6,
                 label=f"{name}: U {stats[name]['uniformity']:.3f}, cos std {stats[name]['cos_std']:.2f}")
-    ax.set(xlabel="pairwise cosine x sqrt(L)", ylabel="density", title="coverage of the sphere (uniform: U ~ -4, std ~ 1)")
+    ax.set(xlabel="pairwise cosine x sqrt(L)", ylabel="density",
+           title="coverage of the sphere (uniform: U ~ -4, std ~ 1)")
     ax.legend(fontsize=8)
     save(fig, out)
 
