@@ -61,8 +61,9 @@ def latent_for(image_size):
 
 def make_config(size="tiny", dataset="toy", **overrides):
     """Config = transformer size (SIZES) x latent shape of the dataset (LATENTS), then overrides. Ours, for the CPU
-    quick start: "tiny", as the encoder runs twice a step (Eq. 4, 9) and took half of it, a 64 x 1 one buys 1.4x the
-    images a minute; "toy", 4x4x128 (ratio 1.5) at P = 8: 16 tokens, a third of P = 4's step (docs/experiments.md)."""
+    quick start: "tiny", as the encoder runs twice a step (on x and on D(v_NOISY), Eq. 9) and took half of it, a
+    64 x 1 one buys 1.4x the images a minute; "toy", 4x4x128 (ratio 1.5) at P = 8: 16 tokens, a third of P = 4's
+    step (docs/experiments.md)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {list(SIZES)}")
     (ew, ed, eh), (dw, dd, dh) = SIZES[size]
@@ -92,8 +93,9 @@ def rope_2d(grid, head_dim, theta=10000.0):
 
 def apply_rope(x, cos, sin):
     """Rotate each channel pair (2i, 2i+1) of x (B, heads, N, hd) by its position's angle: fp32 math, x's dtype out."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                    # (B, heads, N, hd/2) each
-    return (x.float() * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin).to(x.dtype)
+    xf = x.float()
+    x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)                            # (B, heads, N, hd/2) each
+    return (xf * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin).to(x.dtype)
 
 
 def modulate(x, shift, scale):
@@ -199,7 +201,7 @@ class ViT(nn.Module):
 
     def forward(self, x, y):
         c = None if self.y_embed is None else self.y_embed(y)              # (B, D)
-        x = x.float() + self.pos                                            # the residual stream is fp32
+        x = x + self.pos                                                    # fp32 pos: the residual stream is fp32
         for blk in self.blocks:
             x = checkpoint(blk, x, c, self.rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, self.rope)
         return self.norm(x, c)
