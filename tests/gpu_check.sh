@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, one GPU, under 8 minutes: bash tests/gpu_check.sh [python]
+# The GPU check, one GPU, under 10 minutes (its timeouts add to 10): bash tests/gpu_check.sh [python]
 #  1. Sphere-L 256px bf16 training steps at the memory plan's micro-batch, eager and compiled (bench.py: img/s,
 #     MFU, peak memory), next to the plan's estimate; 4-step sampling img/s
 #  2. the CUDA-only tests (tests/test_gpu.py)
@@ -35,7 +35,7 @@ img_s, mem = find(r"train: ([\d.]+) img/s", bench), find(r"peak memory ([\d.]+) 
 mfu, samp = find(r"MFU vs bf16 peak ([\d.]+%)", bench), find(r"4 step\(s\) ([\d.]+)", bench)
 npz = np.load(f"{out}/samples.npz")["arr_0"]                 # the NCCL runs above must have passed (set -e)
 print(f"\n| GPU | Sphere-L 256px step ({plan[6:]}) | eager img/s | compiled img/s | MFU eager / compiled "
-      f"| peak GiB (plan: {est} GB) | 4-step sampling img/s | CUDA tests | torchrun NCCL train + sample |")
+      f"| peak GiB (plan: {est} GiB) | 4-step sampling img/s | CUDA tests | torchrun NCCL train + sample |")
 print("|---|---|---|---|---|---|---|---|---|")
 print(f"| {name} | bf16, LPIPS | {img_s[0]} | {img_s[-1]} | {mfu[0]} / {mfu[-1]} | {mem[0]} / {mem[-1]} | {samp[0]} "
       f"| {tests.strip().splitlines()[-1]} | ok, npz {npz.shape} |")
