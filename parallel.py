@@ -1,8 +1,10 @@
-"""torchrun set-up, FSDP2 sharding (per-block compile), the per-GPU memory plan of a training step (docs/scaling.md).
+"""torchrun set-up, FSDP2 sharding (per-block compile), DDP; what the ranks agree on in train.py's loop (signals,
+health, the DDP check); the per-GPU memory plan of a training step (docs/scaling.md).
     python train.py --dataset imagenet --model L --dry_run --gpus 8 --gpu_mem 80   # the plan, without a GPU
 """
 import datetime
 import os
+import signal
 import warnings
 
 import torch
@@ -60,6 +62,47 @@ def wrap(model, device, world, fsdp=False, compile_model=False, bf16=None):
         net = DDP(model, device_ids=[device] if device.startswith("cuda") else None, forward_sync_buffers=False,
                   gradient_as_bucket_view=True)
     return torch.compile(net) if compile_model else net
+
+
+class StopSignal:
+    """SIGTERM (a cluster's notice) or SIGINT (Ctrl-C): finish the step, write last.pt, exit PREEMPTED; a
+    second Ctrl-C stops at once. Set before the loader's workers start: they inherit it, so live until the save."""
+    def __enter__(self):
+        self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __call__(self, signum, frame):                                     # torchrun forwards Slurm's TERM: twice
+        if self.got == "SIGINT" == signal.Signals(signum).name:
+            raise KeyboardInterrupt
+        self.got = self.got or signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+PREEMPTED = 3                                   # exit code: stopped by a signal, last.pt written; resume with --resume
+
+
+def agree(bad_step, timed_save, signalled, bad, device):
+    """At a sync step: the ranks agree (MAX) on the first non-finite step, a timed save, a signal; bad merged."""
+    flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        bad[:] = dict.fromkeys(sum(found, []))
+    first_bad, timed_save, signalled = flags.tolist()
+    return int(first_bad), bool(timed_save), bool(signalled)
+
+
+def ddp_check(model, world):
+    """Safety net at the end: DDP must have kept every replica identical."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    dist.broadcast(ref := flat.clone(), 0)
+    same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
 
 
 # --- The memory plan: what a training step holds per GPU, before it runs. Activations: what the forward saves for

@@ -11,7 +11,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -27,7 +26,7 @@ from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, b
                   default_workers, die, folder_settings, parser, print0, progress, script)
 from losses import LossWeights, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
-from parallel import fit_to_gpu, init_distributed, wrap
+from parallel import PREEMPTED, StopSignal, agree, ddp_check, fit_to_gpu, init_distributed, wrap
 from spherify import generate, noise_levels, reconstruct, sigma_max
 
 # Per-dataset defaults (docs/reference.md Sec. 2-5), each overridden by the flag of its name; base_lr (the peak lr at
@@ -213,26 +212,6 @@ def build_model(cfg, args, world, rank, device, ckpt):
     return model, opt, ema, checkpointer, net, step, bad
 
 
-class StopSignal:
-    """SIGTERM (a cluster's notice) or SIGINT (Ctrl-C): finish the step, write last.pt, exit PREEMPTED; a
-    second Ctrl-C stops at once. Set before the loader's workers start: they inherit it, so live until the save."""
-    def __enter__(self):
-        self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __call__(self, signum, frame):                                     # torchrun forwards Slurm's TERM: twice
-        if self.got == "SIGINT" == signal.Signals(signum).name:
-            raise KeyboardInterrupt
-        self.got = self.got or signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-
-PREEMPTED = 3                                   # exit code: stopped by a signal, last.pt written; resume with --resume
-
-
 @torch.no_grad()
 def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     """Called on every rank (FSDP gathers the weights); rank 0 writes samples_<step>.png (a row a class, up to 10;
@@ -294,18 +273,6 @@ def train_step(net, model, opt, ema, batches, loss_fn, args):
     return losses, grad_norm, x
 
 
-def agree(bad_step, timed_save, signalled, bad, device):
-    """At a sync step: the ranks agree (MAX) on the first non-finite step, a timed save, a signal; bad merged."""
-    flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        found = [None] * dist.get_world_size()
-        dist.all_gather_object(found, bad)
-        bad[:] = dict.fromkeys(sum(found, []))
-    first_bad, timed_save, signalled = flags.tolist()
-    return int(first_bad), bool(timed_save), bool(signalled)
-
-
 def check_health(first_bad, bad, ds, args, saved_step):
     """A non-finite loss or too many unreadable images: the message to stop with, else None."""
     if first_bad >= 0:
@@ -316,15 +283,6 @@ def check_health(first_bad, bad, ds, args, saved_step):
         return (f"{len(bad)} unreadable images, more than --max_bad_frac {args.max_bad_frac} of {len(ds)} (first: "
                 f"{', '.join(ds.path(j) for j in bad[:3])}); list them all with python data.py --check --dataset "
                 f"{args.dataset} --data_dir {args.data_dir}")
-
-
-def ddp_check(model, world):
-    """Safety net at the end: DDP must have kept every replica identical."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
-    dist.broadcast(ref := flat.clone(), 0)
-    same = torch.tensor(float(torch.equal(ref, flat)), device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    print0(f"DDP check: parameters identical on all {world} ranks: {bool(same.item())}")
 
 
 def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
