@@ -138,7 +138,8 @@ def main(argv=None):
     batches are dealt round-robin and gathered on rank 0; batch i is seeded by (seed, i) on any world size."""
     p = parser(__doc__, dist=True)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (last.pt)")
-    p.add_argument("--steps", type=int_list, default="4", help="decoder passes; 1,2,4 sweeps (rank 0 holds all until written)")
+    p.add_argument("--steps", type=int_list, default="4", help="decoder passes; a list like 1,2,4 sweeps (rank 0 "
+                   "holds every value's samples until it writes them)")
     p.add_argument("--num_samples", "--n", dest="n", type=COUNT, help="default: 8 per class, or 64")
     p.add_argument("--classes", type=int_list, default="all", help="'all' or a list like 3,5 (balanced over them)")
     p.add_argument("--cfg", type=number(1.0), default=1.0, help="CFG scale; 1 = off (ImageNet: 1.4 combo)")
