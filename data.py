@@ -172,8 +172,13 @@ def toy_classifier(path, steps=300, device="cpu"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = ToyClassifier().to(device)
-    if os.path.isfile(path):
-        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    if os.path.isfile(path):                                                # read as data, like every file
+        from checkpoint import read_checkpoint                              # (checkpoint.py imports this file)
+        try:
+            net.load_state_dict(read_checkpoint(path))
+        except (RuntimeError, TypeError) as err:                            # another network's weights
+            raise DataError(f"{path!r} is not the toy classifier ({str(err).splitlines()[0]}); delete it to "
+                            f"retrain it") from None
         return net.eval()
     g = torch.Generator().manual_seed(0)
     ds, opt = ToyShapes(size=10_000 + 128 * steps), torch.optim.Adam(net.parameters(), lr=2e-3)

@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import save_image
 
-from checkpoint import check_writable, load_model, save_checkpoint
+from checkpoint import check_writable, load_model, read_checkpoint, save_checkpoint
 from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, die, int_list, number, parser, progress,
                   resize_crop, script, toy_classifier)
 from parallel import init_distributed
@@ -74,15 +74,35 @@ INCEPTION = ("put torch-fidelity's Inception weights weights-inception-2015-12-0
 
 
 def load_inception(weights):
-    """torch-fidelity's Inception (downloaded, or --inception_weights), loaded before sampling: offline fails now."""
+    """The Inception weights file for torch-fidelity (--inception_weights, else torch hub's cached download), checked
+    before sampling (offline fails now) and read as data first: torch-fidelity's own torch.load would run any code
+    pickled in it. A file unlike the official one (SHA-256 6726825d...) is warned about. -> the path to use."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
     from torch_fidelity.utils import create_feature_extractor
+    official = url.rsplit("-", 1)[1].split(".")[0]                          # the name's hash: 6726825d
+    flag = "--inception_weights"
+    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))   # hub's cache
+    if not os.path.isfile(path):                                            # the download torch-fidelity would make,
+        try:                                                                # hash-checked (its own is not)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_prefix=official, progress=False)
+        except Exception as err:                                            # offline, a wrong hash
+            raise DataError(f"FID/IS need the Inception weights ({str(err).splitlines()[0]}): {INCEPTION}") from None
+    try:
+        read_checkpoint(path)                                               # weights_only: a pickled object is refused
+    except DataError as err:
+        raise DataError(f"{flag if weights else 'the cached Inception weights'}: {err}") from None
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if not sha.startswith(official):
+        print(f"warning: {path} is not the official Inception weights (SHA-256 {sha[:8]}..., the official file's "
+              f"begins {official}): FID/IS are not comparable with published numbers", flush=True)
     try:
         create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
-                                 feature_extractor_weights_path=weights)
-    except Exception as err:                                                # offline download, a bad file
-        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"--inception_weights {weights!r}: not torch-fidelity's Inception weights ({cause})" if weights
-                        else f"FID/IS need the Inception weights ({cause}): {INCEPTION}") from None
+                                 feature_extractor_weights_path=path)
+    except Exception as err:                                                # a state dict of another network
+        raise DataError(f"{flag} {path!r}: not torch-fidelity's Inception weights ({str(err).splitlines()[0]})") from None
+    return path
 
 
 def fidelity(samples, args, ref):
@@ -178,9 +198,11 @@ def main(argv=None):
         die(f"class ids must be in 0..{cfg.num_classes - 1}, got {','.join(map(str, classes))}")
     if args.toy_metrics and train_args["dataset"] != "toy":
         die("--toy_metrics is for models trained on the toy data")
+    clf = args.toy_metrics and rank == 0 and toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                                                         "toy_classifier_seed0.pt"))   # fail now
     ref = reference(args.ref, train_args, cfg.image_size) if args.fid and rank == 0 else None   # bad --ref: fail now
     if (args.fid or args.is_) and rank == 0:
-        load_inception(args.inception_weights)                              # no Inception weights: fail now too
+        args.inception_weights = load_inception(args.inception_weights)     # no or bad weights: fail now too
     suffixes = {s: f"_{s}step" if len(args.steps) > 1 else "" for s in args.steps}   # a --steps sweep: a file each
     if rank == 0:                                                           # rank 0 writes: its folders, checked now
         check_writable(os.path.dirname(os.path.abspath(root)), "--out")
@@ -216,8 +238,7 @@ def main(argv=None):
         if rank > 0:
             return
     time.sleep(POST_DELAY)
-    if args.toy_metrics:
-        clf = toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "toy_classifier_seed0.pt"))
+    if clf:
         err, acc, per_class = toy_recon_scores(model, clf)
         print(f"reconstructions: colour error {err:.1f} / 255 (mean colour per image and channel), class accuracy "
               f"{acc:.3f}\n  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()))
@@ -237,7 +258,7 @@ def main(argv=None):
             save_checkpoint(dict(arr_0=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()), path,   # atomic
                             write=lambda arrays, f: np.savez(f, **arrays), what="npz")
             print(f"wrote {path}: arr_0 {tuple(u8.shape[i] for i in (0, 2, 3, 1))} uint8 NHWC")
-        if args.toy_metrics:
+        if clf:
             m = toy_scores(u8 / 255 * 2 - 1, labels, clf)
             print(f"steps {steps}: toy_fd {m['toy_fd']:.3f} (lower is better), class accuracy {m['class_acc']:.3f}, "
                   f"colour spread {m['colour_spread']:.2f} (data: 1)")

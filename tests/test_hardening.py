@@ -240,7 +240,7 @@ def test_checkpoint_messages_name_the_cause(ckpt, tmp_path):
              str(tmp_path / "cut.pt"): "is truncated (a zip archive without its end",
              str(tmp_path / "state_dict.pt"): "not a train.py checkpoint: a bare state_dict of",
              str(tmp_path / "release.pt"): "checkpoint of the authors' release: convert it with python convert.py IN OUT",
-             str(tmp_path / "dit.pt"): "not a train.py checkpoint: it holds a pickled argparse.Namespace"}
+             str(tmp_path / "dit.pt"): "is refused: it holds a pickled argparse.Namespace"}
     for path, message in cases.items():
         with pytest.raises(DataError) as err:
             checkpoint.load_checkpoint(path)

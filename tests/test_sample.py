@@ -195,11 +195,10 @@ def test_fid_gets_the_ref_at_model_size_and_offline_error_names_the_weights_flag
 
 
 def test_missing_inception_weights_fail_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
-    import torch_fidelity.utils
-
     def offline(*args, **kw):
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))                     # no cached weights
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(sample, "generate", None)                                # never reached
     with pytest.raises(SystemExit) as exc:
         sample.main(["--ckpt", ckpt, "--is", "--out", str(tmp_path / "g.png")])
@@ -211,10 +210,13 @@ def test_missing_inception_weights_fail_before_sampling(ckpt, tmp_path, capsys, 
 def test_bad_inception_weights_file_is_named(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sample, "generate", None)                                # never reached
     (tmp_path / "w.pth").write_text("not weights")
-    with pytest.raises(SystemExit) as exc:
-        sample.main(["--ckpt", ckpt, "--is", "--inception_weights", str(tmp_path / "w.pth")])
-    assert exc.value.code == 2
-    assert f"--inception_weights {str(tmp_path / 'w.pth')!r}: not torch-fidelity's" in capsys.readouterr().err
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")        # tensors, but not Inception's
+    for name, message in [("w.pth", "--inception_weights: {!r} is not a PyTorch checkpoint (not a zip archive"),
+                          ("other.pth", "--inception_weights {!r}: not torch-fidelity's Inception weights")]:
+        with pytest.raises(SystemExit) as exc:
+            sample.main(["--ckpt", ckpt, "--is", "--inception_weights", str(tmp_path / name)])
+        assert exc.value.code == 2
+        assert message.format(str(tmp_path / name)) in capsys.readouterr().err
 
 
 def test_bad_ref_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
