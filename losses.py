@@ -42,10 +42,13 @@ def cosine_loss(target, pred):
 
 
 def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None):
-    """Eq. 7-10 from SphereEncoder.forward's outputs: scalars recon, pix_con, lat_con and their sum total."""
-    recon = pixel_loss(x_noisy, x, w.recon_dist, w.recon_perc, perceptual)                # Eq. 7
-    pix_con = pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist, w.con_perc, perceptual)   # Eq. 8: sg(D(v_noisy))
-    lat_con = w.lat_con * cosine_loss(z.detach(), z_re)                                   # Eq. 9: v = f(z), cos is scale-free
+    """Eq. 7-10 from SphereEncoder.forward's outputs: scalars recon, pix_con, lat_con and their sum total.
+    Tab. 4's ablation as released: x_noisy None (no pixel consistency) -> Eq. 7 on D(v_NOISY); z_re None -> no Eq. 9."""
+    zero = x.new_zeros((), dtype=torch.float32)
+    recon = pixel_loss(x_NOISY if x_noisy is None else x_noisy, x, w.recon_dist, w.recon_perc, perceptual)   # Eq. 7
+    pix_con = zero if x_noisy is None else pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist, w.con_perc,
+                                                      perceptual)                         # Eq. 8: sg(D(v_noisy))
+    lat_con = zero if z_re is None else w.lat_con * cosine_loss(z.detach(), z_re)         # Eq. 9: cos is scale-free
     return {"total": recon + pix_con + lat_con, "recon": recon, "pix_con": pix_con, "lat_con": lat_con}  # Eq. 10
 
 

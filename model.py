@@ -299,15 +299,18 @@ class SphereEncoder(nn.Module):
         v = v.reshape(len(v), self.cfg.grid ** 2, self.cfg.latent_dim)      # (B, N, d)
         return self.decoder(v, self.labels(y, len(v), v.device))
 
-    def forward(self, x, y, sigma, sigma_sub, p_drop=0.1):
+    def forward(self, x, y, sigma, sigma_sub, p_drop=0.1, pix_con=True, lat_con=True):
         """The training pass, Eq. 4-9, one call (p_drop per network call, Sec. 2.4). Returns z (target of
-        Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY))."""
+        Eq. 9), x_NOISY = D(v_NOISY), x_noisy = D(v_noisy), z_re = E(D(v_NOISY)). The loss ablation (Tab. 4)
+        as released: without pixel consistency only v_NOISY is decoded (x_noisy None), without latent
+        consistency nothing is re-encoded (z_re None)."""
         y = self.labels(y, x.shape[0], x.device)
         z = self.encode(x, self.drop_labels(y, p_drop))                    # (B, h, w, d)
         v_NOISY, v_noisy = noisy_latents(spherify(z), sigma, sigma_sub)   # Eq. 1, 4, 6
-        y2 = None if y is None else self.drop_labels(y.repeat(2), p_drop)  # one draw per call, over 2B [released]
-        x_NOISY, x_noisy = self.decode(torch.cat([v_NOISY, v_noisy]), y2).chunk(2)   # (B, C, H, W) each
-        z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop))           # Eq. 9: E(D(v_NOISY))
+        v = torch.cat([v_NOISY, v_noisy]) if pix_con else v_NOISY         # (2B or B, h, w, d)
+        y2 = None if y is None else self.drop_labels(y.repeat(len(v) // len(x)), p_drop)   # one draw per call
+        x_NOISY, x_noisy = self.decode(v, y2).chunk(2) if pix_con else (self.decode(v, y2), None)   # (B, C, H, W)
+        z_re = self.encode(x_NOISY, self.drop_labels(y, p_drop)) if lat_con else None   # Eq. 9: E(D(v_NOISY))
         return z, x_NOISY, x_noisy, z_re
 
     def set_grad_checkpointing(self, on=True):

@@ -65,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
     p.add_argument("--model", choices=list(SIZES), help="size (default per dataset)")
     p.add_argument("--image_size", type=COUNT)
+    p.add_argument("--patch_size", type=COUNT, help="P: an (H/P) x (W/P) x d latent (default per dataset; Tab. 5)")
+    p.add_argument("--latent_dim", type=COUNT, help="d; the ratio 3HW/L = 3P^2/d (App. C.5: best near 1.5, 3)")
     p.add_argument("--alpha", type=ANGLE, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
     p.add_argument("--band", type=ANGLE, help="top of the mixing band (deg, >= alpha; = alpha: off; App. C.2)")
     p.add_argument("--p_band", type=PROB, default=0.1, help="probability of a band draw (App. C.2)")
@@ -108,7 +110,7 @@ def get_args(argv=None):
         if not os.path.exists(path):
             die(f"--resume, but there is no {path} to resume from (drop --resume to start a new run)")
         ckpt = load_checkpoint(path)
-        for k in ("dataset", "model", "image_size", "data_dir"):
+        for k in ("dataset", "model", "image_size", "patch_size", "latent_dim", "data_dir"):
             saved, given = ckpt["args"].get(k), getattr(args, k)
             if given is not None and given != saved and k != "data_dir":   # a moved data set is fine
                 die(f"--{k} {given} conflicts with --resume: {path} was trained with --{k} {saved} "
@@ -162,12 +164,13 @@ def setup_data(args, ckpt, world, device):
     """Data (Guarded), model config, memory plan (fit_to_gpu; --dry_run exits) -> ds, cfg, micro, max_steps, warmup."""
     ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
                                                                      args.unconditional, args.download)
+    shape = {k: getattr(args, k) for k in ("patch_size", "latent_dim") if getattr(args, k, None)}   # Tab. 5
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
-                                                            **({"num_classes": num_classes} if ds else {}))
+                                                            **shape, **({"num_classes": num_classes} if ds else {}))
     if ds is not None and cfg.num_classes != num_classes:
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
     if cfg.image_size % cfg.patch_size:
-        die(f"--image_size {cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
+        die(f"--image_size {cfg.image_size} must be a multiple of --patch_size {cfg.patch_size} (the latent is a grid)")
     fit_to_gpu(args, cfg, world, device)                                    # sets --grad_accum, --grad_ckpt
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
@@ -330,10 +333,12 @@ def main(argv=None):
     def loss_fn(x, y):                                                      # Eq. 4-10 on one micro-batch
         sigma, sigma_sub = noise_levels(len(x), args.alpha, band, args.p_band, device=device)   # Eq. 5, App. C.2
         with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):   # model.py
-            z, x_NOISY, x_noisy, z_re = net(x, y if cfg.num_classes else None, sigma, sigma_sub, args.p_drop)  # Eq. 4-9
+            z, x_NOISY, x_noisy, z_re = net(x, y if cfg.num_classes else None, sigma, sigma_sub, args.p_drop,
+                                            pix_con=args.w[2] > 0 or args.w[3] > 0, lat_con=args.w[4] > 0)  # Eq. 4-9
             return sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)        # Eq. 10
     print0(f"{args.dataset}: {len(ds)} images, {cfg.num_classes} classes | model {args.model}: "
-           f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} | "
+           f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} (ratio 3HW/L "
+           f"{3 * cfg.patch_size ** 2 / cfg.latent_dim:.3g}) | "
            f"{world} process(es) x {args.grad_accum} accum x {micro} = batch {args.batch_size} | "
            f"{max_steps} steps, lr {lr:.2e}, alpha {args.alpha} band {band} | {device}")
     # --- the loop; it syncs the ranks only at log and checkpoint steps (and on a signal in one process)

@@ -96,3 +96,29 @@ def test_convnext_offline_error_names_the_file(monkeypatch):
     monkeypatch.setattr(torchvision.models, "convnext_small", offline)
     with pytest.raises(RuntimeError, match=r"convnext_small-0c510722\.pth.*checkpoints.*--convnext 0"):
         load_perceptual(w_convnext=0.1, pretrained=False)
+
+
+def test_loss_ablation_as_released_drops_the_passes_it_does_not_need(tiny_cfg):
+    """Tab. 4's rows as the release trains them: without pixel consistency Eq. 7 takes D(v_NOISY) and only B images
+    are decoded; without latent consistency nothing is re-encoded (the encoder runs once)."""
+    from conftest import randomize_zero_inits
+    from model import SphereEncoder
+    model = randomize_zero_inits(SphereEncoder(tiny_cfg))
+    calls = {"encoder": [], "decoder": []}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: calls[name].append(len(i[0])))
+    x, y, sigma = torch.rand(3, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
+    w = LossWeights(recon_dist=1.0, recon_perc=0.0, con_dist=0.0, con_perc=0.0, lat_con=0.0)
+    torch.manual_seed(0)
+    z, x_NOISY, x_noisy, z_re = model(x, y, sigma, 0.5 * sigma, p_drop=0.0, pix_con=False, lat_con=False)
+    assert x_noisy is None and z_re is None and calls == {"encoder": [3], "decoder": [3]}
+    out = sphere_losses(x, z, x_NOISY, x_noisy, z_re, w)
+    assert out["recon"].item() == pytest.approx(distance(x_NOISY, x).mean().item())      # Eq. 7 on D(v_NOISY)
+    assert out["pix_con"].item() == out["lat_con"].item() == 0 and out["total"].item() == out["recon"].item()
+    out["total"].backward()                                                              # the encoder still learns
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    calls["encoder"].clear(), calls["decoder"].clear()
+    torch.manual_seed(0)
+    z2, x_NOISY2, x_noisy2, z_re2 = model(x, y, sigma, 0.5 * sigma, p_drop=0.0)           # the full pass
+    assert calls == {"encoder": [3, 3], "decoder": [6]} and x_noisy2 is not None and z_re2 is not None
+    assert torch.allclose(x_NOISY2, x_NOISY, atol=1e-6)                                  # same e: same D(v_NOISY)

@@ -188,3 +188,19 @@ def test_grids_come_every_sample_every_steps_between_log_steps(tmp_path):
     out = str(tmp_path / "o")
     train.main(FAST + ["--max_steps", "6", "--log_every", "4", "--sample_every", "3", "--out_dir", out])
     assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_0000003.png", "samples_0000006.png"]
+
+
+def test_latent_shape_flags_train_and_sample(tmp_path, capsys):
+    """--patch_size 4 --latent_dim 16 on 32px toy images: an 8 x 8 x 16 latent (ratio 3HW/L = 3, Tab. 5), saved in
+    the config that sample.py reads; --resume with another shape is refused."""
+    import sample
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--max_steps", "2", "--patch_size", "4", "--latent_dim", "16", "--out_dir", out])
+    assert "latent 8x8x16 (ratio 3HW/L 3)" in capsys.readouterr().out
+    cfg = checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["config"]
+    assert (cfg["image_size"] // cfg["patch_size"], cfg["latent_dim"]) == (8, 16)
+    sample.main(["--ckpt", os.path.join(out, "last.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.png")])
+    assert os.path.isfile(tmp_path / "s.png")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out_dir", out, "--latent_dim", "32"])
+    assert "--latent_dim 32 conflicts with --resume" in capsys.readouterr().err
