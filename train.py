@@ -63,6 +63,7 @@ def get_args(argv=None):
     p.add_argument("--data_dir", help="dataset root (not needed for toy)")
     p.add_argument("--download", action="store_true", help="let torchvision download cifar10/flowers")
     p.add_argument("--unconditional", action="store_true", help="ignore labels (train without classes)")
+    p.add_argument("--max_samples", type=COUNT, help="train on a fixed random subset of N images (seed 0)")
     p.add_argument("--model", choices=list(SIZES), help="size (default per dataset)")
     p.add_argument("--image_size", type=COUNT)
     p.add_argument("--patch_size", type=COUNT, help="P: an (H/P) x (W/P) x d latent (default per dataset; Tab. 5)")
@@ -160,6 +161,11 @@ def get_lr(step, peak, warmup, total, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def subset(total, n):
+    """--max_samples: the indices of n of total images, a fixed random draw (seed 0): about class-balanced."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].tolist()
+
+
 def setup_data(args, ckpt, world, device):
     """Data (Guarded), model config, memory plan (fit_to_gpu; --dry_run exits) -> ds, cfg, micro, max_steps, warmup."""
     ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
@@ -167,6 +173,8 @@ def setup_data(args, ckpt, world, device):
     shape = {k: getattr(args, k) for k in ("patch_size", "latent_dim") if getattr(args, k, None)}   # Tab. 5
     cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
                                                             **shape, **({"num_classes": num_classes} if ds else {}))
+    if ds is not None and args.max_samples:                               # the same N images on every run
+        ds = torch.utils.data.Subset(ds, subset(len(ds), args.max_samples))
     if ds is not None and cfg.num_classes != num_classes:
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
     if cfg.image_size % cfg.patch_size:

@@ -1,0 +1,45 @@
+"""ablate.py --quick end to end: a sampling study (schemes) and a training study (band) write a line for every
+variant x seed x sampling x steps, a table and a plot; a rerun trains and judges nothing; a killed run resumes."""
+import json
+import os
+
+import ablate
+import train
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_quick_studies_hold_every_variant_and_a_rerun_skips_them(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for study in ("schemes", "band"):                                      # band reuses schemes' base runs
+        ablate.main([study, "--quick", "--out_dir", out])
+    for study in ("schemes", "band"):
+        s, folder = ablate.STUDIES[study], tmp_path / study
+        got = rows(folder / "results.jsonl")
+        assert len(got) == len(s.variants) * 2 * len(s.sampling) * len(ablate.STEPS)   # 2 seeds
+        assert {(r["variant"], r["seed"], r["sampling"], r["steps"]) for r in got} == {
+            (v, seed, k, t) for v in s.variants for seed in (0, 1) for k in s.sampling for t in ablate.STEPS}
+        assert all(0 <= r["class_acc"] <= 1 and r["toy_fd"] > 0 for r in got)
+        table = (folder / "table.md").read_text()
+        assert all(f"| {v} | " in table for v in s.variants) and s.claim in table
+        assert (folder / f"{study}.png").stat().st_size > 0
+    assert len(os.listdir(tmp_path / "runs")) == 2 + 2 * 2                 # base x 2 seeds shared, 2 more x 2 seeds
+    before = {study: (tmp_path / study / "results.jsonl").read_text() for study in ("schemes", "band")}
+    monkeypatch.setattr(train, "main", None)                               # a rerun trains nothing ...
+    monkeypatch.setattr(ablate, "judge", None)                             # ... and judges nothing
+    for study in ("schemes", "band"):
+        ablate.main([study, "--quick", "--out_dir", out])
+        assert (tmp_path / study / "results.jsonl").read_text() == before[study]
+    # a run killed before its end: no done marker, no results; it resumes from its last.pt
+    run = ablate.run_dir(out, ablate.STUDIES["band"].variants["no mixing"], 1, True)
+    os.remove(os.path.join(run, "done"))
+    kept = [r for r in rows(tmp_path / "band" / "results.jsonl") if (r["variant"], r["seed"]) != ("no mixing", 1)]
+    (tmp_path / "band" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    calls = []
+    monkeypatch.setattr(train, "main", calls.append)
+    monkeypatch.setattr(ablate, "judge", lambda *a: {("no CFG", 1): {"toy_fd": 1.0, "class_acc": 0.5}})
+    ablate.main(["band", "--quick", "--out_dir", out])
+    assert len(calls) == 1 and calls[0][-1] == "--resume" and calls[0][calls[0].index("--out_dir") + 1] == run
+    assert len(rows(tmp_path / "band" / "results.jsonl")) == len(kept) + 1
