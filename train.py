@@ -244,6 +244,11 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     model.train(was_training)
 
 
+def hflip(x):
+    """Sec. 3: each image (B, C, H, W) mirrored left-right with probability 1/2, the draw on x's device."""
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+
+
 def micro_batches(data, args, ds, bad, bar, device):
     """The step's --grad_accum micro-batches (x, y) on the device, h-flipped (Sec. 3); bad images named once."""
     for _ in range(args.grad_accum):
@@ -252,7 +257,7 @@ def micro_batches(data, args, ds, bad, bar, device):
             bad.append(j)
             bar.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), y
+        yield hflip(x), y
 
 
 def train_step(net, model, opt, ema, batches, loss_fn, args):
