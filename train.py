@@ -45,15 +45,17 @@ DATASETS = {
 
 
 def folder_defaults(args):
-    """--dataset folder: CIFAR-10's settings (<= 64px) or Flowers' at the size a few images show; a line says which."""
+    """--dataset folder: CIFAR-10's settings (<= 64px) or Flowers' at the size a few images show (or --image_size);
+    a line says which."""
     found = folder_settings(args.data_dir)
     px = found["image_size"]
-    like, name = ("cifar10", "CIFAR-10's") if px <= 64 else ("flowers", "Flowers'")
-    size = (32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256)
+    size = args.image_size or ((32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256))
+    like, name = ("cifar10", "CIFAR-10's") if size <= 64 else ("flowers", "Flowers'")
     taken = ", ".join(f"--{k} {DATASETS[like][k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
                       if getattr(args, k) is None)
-    print0(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{px}px -> {name} settings at "
-           f"{size}px: {taken} (each a flag)")
+    classes = f"in {found['num_classes']} classes" if found["num_classes"] else "and no class subfolder (unconditional)"
+    print0(f"folder: {found['num_images']} images {classes}, ~{px}px -> {name} settings at {size}px: {taken} "
+           f"(each a flag)")
     return {**DATASETS[like], "image_size": size}
 
 

@@ -107,7 +107,7 @@ def test_training_forward_on_cuda_and_the_memory_plan(size, dataset, grad_ckpt):
         held2 = training_forward(model, 2)[2]
         params = model.num_params()
     assert on_cuda(z, x_NOISY, x_noisy, z_re, *losses.values())             # fp32 latents, pixels and losses
-    assert dtypes["Block input"] == dtypes["MixerBlock input"] == dtypes["RMSNorm"] == {torch.float32}   # streams, norms
+    assert dtypes["Block input"] == dtypes["MixerBlock input"] == dtypes["RMSNorm"] == {torch.float32}  # stream, norm
     matmuls = ("Linear", "Conv2d", "ConvTranspose2d", "Attention", "SwiGLU")     # the last two: their output Linear
     assert all(dtypes[k] == {torch.bfloat16} for k in matmuls if k in dtypes)
     assert ("ConvTranspose2d" in dtypes) == (model.cfg.pixel_head == "conv")
