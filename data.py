@@ -211,7 +211,27 @@ class Guarded(torch.utils.data.Dataset):
 
 WHERE = {"cifar10": "the extracted 'cifar-10-batches-py/' folder",             # what --data_dir holds (README "Data")
          "flowers": "'flowers-102/' (102flowers.tgz extracted, imagelabels.mat, setid.mat)",
-         "imagenet": "a train/ subfolder of class folders of images", "folder": "class subfolders of images"}
+         "imagenet": "a train/ subfolder of class folders of images",
+         "folder": "class subfolders of images, or images and no subfolder (unconditional)"}
+
+
+def flat(root):
+    """A folder of images without subfolders: an unconditional set's usual layout (like Animal-Faces)."""
+    return os.path.isdir(root) and not any(e.is_dir() for e in os.scandir(root))
+
+
+class FlatFolder(torch.utils.data.Dataset):
+    """The images of a flat folder, sorted, each with label 0; no classes (the model is unconditional)."""
+    classes = []
+
+    def __init__(self, root, transform):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+        self.samples, self.transform = make_dataset(root, {"": 0}, IMG_EXTENSIONS), transform   # [(path, 0)]
+    def __len__(self): return len(self.samples)
+
+    def __getitem__(self, i):
+        from torchvision.datasets.folder import default_loader
+        return self.transform(default_loader(self.samples[i][0])), 0
 
 
 def resize_crop(image_size):
@@ -239,7 +259,8 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
                                                  for s in ("train", "val", "test")])
             ds.classes = list(range(102))
         else:
-            ds = datasets.ImageFolder(os.path.join(data_dir, "train") if name == "imagenet" else data_dir, tf)
+            root = os.path.join(data_dir, "train") if name == "imagenet" else data_dir
+            ds = FlatFolder(root, tf) if name == "folder" and flat(root) else datasets.ImageFolder(root, tf)
     except Exception as err:                                                # missing files, no class folders / images
         hint = ", or add --download on a machine with internet" if name in ("cifar10", "flowers") else ""
         raise DataError(f"no images found for {name} in {data_dir!r} ({str(err).splitlines()[0]}); "
@@ -248,14 +269,14 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
 
 
 def folder_settings(data_dir, n=8):
-    """What an ImageFolder tree (class subfolders) holds: {image_size: the median short side of n images
-    spread over it, num_classes, num_images}. DataError (one line) when none of those n can be read."""
+    """What an ImageFolder tree (class subfolders) or a flat folder (0 classes) holds: {image_size: the median short
+    side of n images spread over it, num_classes, num_images}. DataError (one line) when none of those n can be read."""
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-    try:
-        files = make_dataset(data_dir, extensions=IMG_EXTENSIONS)           # [(path, class)]: sorted, no empty class
+    try:                                                                    # [(path, class)]: sorted, no empty class
+        files = make_dataset(data_dir, {"": 0} if flat(data_dir) else None, extensions=IMG_EXTENSIONS)
     except OSError as err:                                                  # no folder, no class folders or images
-        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images ({err})") from None
+        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images, nor of images ({err})") from None
     sides, why = [], ""
     for path, _ in files[::max(1, len(files) // n)][:n]:                    # n images, spread over the classes
         try:
@@ -265,7 +286,8 @@ def folder_settings(data_dir, n=8):
             why = why or f"{path}: {type(err).__name__}"
     if not sides:
         raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be read (first: {why})")
-    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=files[-1][1] + 1, num_images=len(files))
+    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=0 if flat(data_dir) else files[-1][1] + 1,
+                num_images=len(files))
 
 
 if __name__ == "__main__":                                    # read every item as training would; exit 1 if any fails

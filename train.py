@@ -45,15 +45,17 @@ DATASETS = {
 
 
 def folder_defaults(args):
-    """--dataset folder: CIFAR-10's settings (<= 64px) or Flowers' at the size a few images show; a line says which."""
+    """--dataset folder: CIFAR-10's settings (<= 64px) or Flowers' at the size a few images show (or --image_size);
+    a line says which."""
     found = folder_settings(args.data_dir)
     px = found["image_size"]
-    like, name = ("cifar10", "CIFAR-10's") if px <= 64 else ("flowers", "Flowers'")
-    size = (32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256)
+    size = args.image_size or ((32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256))
+    like, name = ("cifar10", "CIFAR-10's") if size <= 64 else ("flowers", "Flowers'")
     taken = ", ".join(f"--{k} {DATASETS[like][k]}" for k in ("model", "alpha", "band", "epochs", "batch_size")
                       if getattr(args, k) is None)
-    print0(f"folder: {found['num_images']} images in {found['num_classes']} classes, ~{px}px -> {name} settings at "
-           f"{size}px: {taken} (each a flag)")
+    classes = f"in {found['num_classes']} classes" if found["num_classes"] else "and no class subfolder (unconditional)"
+    print0(f"folder: {found['num_images']} images {classes}, ~{px}px -> {name} settings at {size}px: {taken} "
+           f"(each a flag)")
     return {**DATASETS[like], "image_size": size}
 
 
@@ -255,6 +257,11 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     model.train(was_training)
 
 
+def hflip(x):
+    """Sec. 3: each image (B, C, H, W) mirrored left-right with probability 1/2, the draw on x's device."""
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+
+
 def micro_batches(data, args, ds, bad, bar, device):
     """The step's --grad_accum micro-batches (x, y) on the device, h-flipped (Sec. 3); bad images named once."""
     for _ in range(args.grad_accum):
@@ -263,7 +270,7 @@ def micro_batches(data, args, ds, bad, bar, device):
             bad.append(j)
             bar.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), y
+        yield hflip(x), y
 
 
 def train_step(net, model, opt, ema, batches, loss_fn, args):

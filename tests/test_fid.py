@@ -39,6 +39,9 @@ def test_two_folder_trees_never_share_fid_statistics(tmp_path):
     assert name(a).startswith("sphere-folder-") and name(a).endswith("-32px-4")
     assert len({cache_name("folder", str(a), s, n) for s, n in [(32, 4), (64, 4), (32, 5)]}) == 3
     assert reference(None, {"dataset": "toy"}, 32)[1] == "sphere-toy-builtin-32px-10000"
+    flat = tmp_path / "a" / "class1"                                            # images, no subfolder: unconditional
+    assert len(reference(None, {"dataset": "folder", "data_dir": str(flat)}, 32)[0]) == 2   # the training set's
+    assert len(reference(str(flat), None, 32)[0]) == 2                                     # as --ref
 
 
 def test_ref_npz_in_adm_format_and_bad_refs(tmp_path):

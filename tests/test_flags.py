@@ -1,5 +1,6 @@
 """Every numeric flag is checked against its domain: a bad value is one line naming the flag, exit 2, no
 traceback, nothing written. Plus the helpers of data.py: progress() to a log file, folder_settings, default_workers."""
+import argparse
 import importlib
 import io
 import os
@@ -9,8 +10,9 @@ import sys
 import pytest
 from PIL import Image
 
+import train
 from conftest import ROOT
-from data import DataError, default_workers, folder_settings, progress
+from data import DataError, Guarded, build_dataset, default_workers, folder_settings, progress
 
 INT, NUM, CK = "must be an integer", "must be a number", ["--ckpt", "{out}/none.pt"]  # CK: never read
 ROWS = [  # script, arguments ({out}: where it would write), the error's words, as a subprocess (else main(argv))
@@ -127,8 +129,25 @@ def test_folder_settings_reads_size_and_counts(tmp_path):
         (tmp_path / "abc"[k // 3] / f"{k}.png").write_text("<html>404</html>")
     with pytest.raises(DataError, match="none of the 8 images sampled in .* can be read"):
         folder_settings(tmp_path)
-    with pytest.raises(DataError, match="not a folder of class subfolders"):
-        folder_settings(tmp_path / "a")
+    with pytest.raises(DataError, match="not a folder of class subfolders of images, nor of images"):
+        folder_settings(tmp_path / "missing")
+
+
+def test_a_flat_folder_is_an_unconditional_set_and_the_folder_line_says_the_size_used(tmp_path, capsys):
+    """Images straight in --data_dir (like Animal-Faces): no classes, label 0; the line names --image_size's size."""
+    for k, side in enumerate([300, 260, 280]):
+        Image.new("RGB", (side, side + 5)).save(tmp_path / f"{k}.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert folder_settings(tmp_path) == dict(image_size=280, num_classes=0, num_images=3)
+    ds, num_classes = build_dataset("folder", str(tmp_path), 16)
+    assert num_classes == 0 and len(ds) == 3 and ds[2][0].shape == (3, 16, 16) and ds[2][1] == 0
+    assert Guarded(ds).path(1) == str(tmp_path / "1.jpg")
+    for size, line in ((None, "~280px -> Flowers' settings at 256px"), (16, "~280px -> CIFAR-10's settings at 16px")):
+        args = argparse.Namespace(data_dir=str(tmp_path), image_size=size, model=None, alpha=None, band=None,
+                                  epochs=None, batch_size=None)
+        assert train.folder_defaults(args)["image_size"] == (size or 256)
+        out = capsys.readouterr().out
+        assert out.startswith("folder: 3 images and no class subfolder (unconditional), " + line), out
 
 
 def test_default_workers_fit_the_cpus(monkeypatch):
