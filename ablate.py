@@ -28,9 +28,9 @@ from spherify import generate, sigma_max, spherify
 from viz import uniformity
 plt.switch_backend("Agg")
 
-RECIPE = ["--epochs", "4", "--log_every", "104", "--sample_every", "1248"]   # 1,248 steps of 32: ~2.5 min alone
+RECIPE = ["--epochs", "3", "--log_every", "117", "--sample_every", "936"]    # 936 steps of 32: ~2 min alone
 QUICK = ["--max_steps", "12", "--batch_size", "8", "--log_every", "6", "--sample_every", "12"]
-BASE = ["--keep_every", "312"]                          # the quick start's settings; a checkpoint an epoch (uniform)
+BASE = ["--keep_every", "234"]                          # the quick start's settings; 4 checkpoints kept (uniform)
 STEPS = (1, 2, 4, 6)
 HELD_OUT = 50_000                                       # toy images from here on: seen by no model, no judge
 
@@ -53,7 +53,7 @@ class Study:
 
 STUDIES = {
     "steps": Study("Tab. 1, Fig. 5: quality improves with every step 1 -> 2 -> 4 -> 6, without CFG and with it",
-                   {"4 epochs": BASE, "16 epochs": ["--epochs", "16"]},       # the lab's recipe, the quick start's
+                   {"3 epochs": BASE, "16 epochs": ["--epochs", "16"]},       # the lab's recipe, the quick start's
                    {"no CFG": {}, "CFG 3 combo": {"cfg": 3.0},                     # and how big a step-2 move helps:
                     **{f"sampled at {a} deg": {"alpha": a} for a in (70, 60, 45)}}, series=("variant", "sampling")),
     "alpha": Study("Sec. 6, Fig. 10-11: generation fails at alpha <= 45 deg while reconstruction is fine; it improves "
@@ -73,7 +73,7 @@ STUDIES = {
     "uniform": Study("Sec. 6, App. C.3: with no regulariser, encoded latents become nearly as uniform as the prior",
                      {"base": BASE}, x="train_step", series="points", metric="uniformity"),
     "memorization": Study("App. B: trained much longer, samples sit closer to training images than held-out images do",
-                          {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "1248"]}, x="variant",
+                          {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]}, x="variant",
                           series="steps", metric="nn_ratio"),
 }
 
@@ -223,10 +223,10 @@ def main(argv=None):
     p.add_argument("study", choices=[*STUDIES, "all"], help="; ".join(f"{k}: {s.claim}" for k, s in STUDIES.items()))
     p.add_argument("--out_dir", default="out/ablate")
     p.add_argument("--seeds", type=COUNT, default=2, help="training seeds per variant (0..N-1)")
-    p.add_argument("--n", type=COUNT, help="samples judged per run and step count (default 1000, --quick 40)")
+    p.add_argument("--n", type=COUNT, help="samples judged per run and step count (default 500, --quick 40)")
     p.add_argument("--quick", action="store_true", help="12 training steps, 40 samples, a weak judge: the tests")
     args = p.parse_args(argv)
-    args.n = args.n or (40 if args.quick else 1000)
+    args.n = args.n or (40 if args.quick else 500)
     os.makedirs(args.out_dir, exist_ok=True)
     clf = toy_classifier(os.path.join(args.out_dir, "toy_classifier" + ("_quick.pt" if args.quick else "_seed0.pt")),
                          steps=20 if args.quick else 300)                   # the judge of sample.py --toy_metrics
