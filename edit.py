@@ -17,7 +17,8 @@ from torchvision import transforms as T
 from torchvision.utils import save_image
 
 from checkpoint import load_model
-from data import COUNT, PROB, STEPS, WEIGHT, DataError, build_dataset, die, int_list, number, parser, resize_crop, script
+from data import (COUNT, PROB, STEPS, WEIGHT, DataError, build_dataset, die, int_list, number, parser, resize_crop,
+                  script)
 from spherify import generate, reconstruct, refine, sampling_r, sigma_max
 
 
@@ -67,7 +68,8 @@ def stitch(xa, xb, mode="horizontal"):
     (tri_forward) or bottom-left one under the '\\' diagonal (tri_backward); xb elsewhere: (B, C, H, W)."""
     H, W = xa.shape[-2:]
     i, j = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")   # centres
-    a = {"horizontal": j < 0.5, "vertical": i < 0.5, "tri_forward": i + j < 1, "tri_backward": i > j}[STITCH.get(mode, mode)]
+    a = {"horizontal": j < 0.5, "vertical": i < 0.5, "tri_forward": i + j < 1, "tri_backward": i > j}   # (H, W)
+    a = a[STITCH.get(mode, mode)]
     return torch.where(a.to(xa.device), xa, xb)
 
 
@@ -111,7 +113,8 @@ def main(argv=None):
     p.add_argument("--interp", choices=["lerp", "slerp"], default="lerp", help="interp: how e moves from e0 to e1")
     p.add_argument("--stitch", choices=["horizontal", "vertical", "tri_forward", "tri_backward", *STITCH],
                    default="horizontal", help="crossover: the halves' layout (diagonal = tri_forward)")
-    p.add_argument("--steps", type=COUNT, default=None, help="rounds (crossover 10, manipulate 4); grid, interp: steps (4)")
+    p.add_argument("--steps", type=COUNT, default=None, help="rounds (crossover 10, manipulate 4); grid, interp: "
+                   "steps (4)")
     p.add_argument("--r", type=PROB, default=None, help="noise sigma = r sigma_max (crossover 0.25, manipulate 1)")
     p.add_argument("--gamma", type=WEIGHT, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
     p.add_argument("--seed", type=number(0, 2 ** 32 - 1, cast=int), default=0)

@@ -255,10 +255,11 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
     with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):
         imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
-        recon = [reconstruct(model, x[:n])] + [refine(model, x[:n], None, [r], sigma_max(args.alpha),   # Eq. 2: D(f(E(x)))
-                 generator=torch.Generator(device).manual_seed(1234))[0] for r in (0.5, 1.0)]   # D(f(v + r sigma_max e))
+        x = x[:n]
+        recon = [reconstruct(model, x)] + [refine(model, x, None, [r], sigma_max(args.alpha),   # Eq. 2: D(f(E(x)))
+                 generator=torch.Generator(device).manual_seed(1234))[0] for r in (0.5, 1.0)]   # Eq. 4: D(f(v + r s_max e))
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
-    save_image(torch.cat([x[:n], *recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=len(x[:n]))
+    save_image(torch.cat([x, *recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=len(x))
     model.train(was_training)
 
 

@@ -1,4 +1,5 @@
-"""train.py and data.py: resume equals uninterrupted, DDP on gloo, atomic checkpoints, bad input, --init_from, the log."""
+"""train.py and data.py: resume equals uninterrupted, DDP on gloo, atomic checkpoints, bad input,
+--init_from, the log."""
 import json
 import os
 import subprocess
@@ -221,7 +222,8 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
 def test_log_carries_the_loss_parts_psnr_and_latent_norms(tmp_path, monkeypatch, capsys):
     """diagnostics() against hand values; log.jsonl, the progress line and a (stub) wandb run carry them."""
     x = torch.zeros(2, 3, 4, 4)
-    out = {"x_noisy": x + 0.2, "x_NOISY": x + 0.4, "z": torch.stack([torch.full((2, 2, 3), 2.0), torch.full((2, 2, 3), 4.0)])}
+    z = torch.stack([torch.full((2, 2, 3), 2.0), torch.full((2, 2, 3), 4.0)])            # latent RMS 2 and 4
+    out = {"x_noisy": x + 0.2, "x_NOISY": x + 0.4, "z": z}
     d = train.diagnostics(x, out, perceptual=lambda a, b: (a - b).abs().flatten(1).mean(1))
     want = {"recon_dist": 0.5 * 0.1 ** 2, "con_dist": 0.5 * 0.1 ** 2, "recon_perc": 0.2, "con_perc": 0.2,
             "recon_psnr": 20.0, "z_rms": 3.0, "z_rms_std": 1.0}                # [0, 1] scale: error 0.1 -> 20 dB
