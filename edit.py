@@ -64,8 +64,8 @@ STITCH = {"left-right": "horizontal", "top-bottom": "vertical", "diagonal": "tri
 
 
 def stitch(xa, xb, mode="horizontal"):
-    """Fig. 9: xa in the left half (horizontal), top half (vertical), top-left triangle under the '/' diagonal
-    (tri_forward) or bottom-left one under the '\\' diagonal (tri_backward); xb elsewhere: (B, C, H, W)."""
+    """Fig. 9: xa in the left half (horizontal), the top half (vertical), the top-left triangle above the '/'
+    diagonal (tri_forward) or the bottom-left one below the '\\' diagonal (tri_backward); xb elsewhere: (B, C, H, W)."""
     H, W = xa.shape[-2:]
     i, j = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")   # centres
     a = {"horizontal": j < 0.5, "vertical": i < 0.5, "tri_forward": i + j < 1, "tri_backward": i > j}   # (H, W)

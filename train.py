@@ -216,7 +216,8 @@ def build_model(cfg, args, world, rank, device, ckpt):
     model.set_grad_checkpointing(args.grad_ckpt)
     check_out_dir(args, model.num_params())
     if ckpt:                                                                # --resume, or --init_from's weights
-        load_weights(model, ckpt["ema" if args.init_ema and not args.resume else "model"], args.init_from or "--resume")
+        load_weights(model, ckpt["model" if args.resume or not args.init_ema else "ema"],
+                     os.path.join(args.out_dir, "last.pt") if args.resume else args.init_from)
     ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None   # before DDP's hooks
     net = wrap(model, device, world, args.fsdp, args.compile, bf16=args.precision == "bf16")   # before AdamW: FSDP
     # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
@@ -257,7 +258,7 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
         imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
         x = x[:n]
         recon = [reconstruct(model, x)] + [refine(model, x, None, [r], sigma_max(args.alpha),   # Eq. 2: D(f(E(x)))
-                 generator=torch.Generator(device).manual_seed(1234))[0] for r in (0.5, 1.0)]   # Eq. 4: D(f(v + r s_max e))
+                 generator=torch.Generator(device).manual_seed(1234))[0] for r in (0.5, 1.0)]   # Eq. 4 at r sigma_max
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
     save_image(torch.cat([x, *recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=len(x))
     model.train(was_training)
