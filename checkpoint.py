@@ -74,6 +74,17 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(model, sd, path):
+    """sd into model (train.py --init_from); another model's tensors -> DataError naming the first that differs."""
+    own = model.state_dict()
+    for k in [*own, *(k for k in sd if k not in own)]:
+        shapes = [tuple(t[k].shape) if k in t else "none" for t in (sd, own)]
+        if shapes[0] != shapes[1]:
+            raise DataError(f"{path!r} does not fit this run's model: {k} is {shapes[0]} there, {shapes[1]} here "
+                            f"(drop --model, --image_size, or use data with the checkpoint's classes)")
+    model.load_state_dict(sd)
+
+
 def load_model(path, device="cpu", ema=True):
     """A SphereEncoder (eval mode) and its training args from a train.py checkpoint: the EMA weights when it has
     them (train.py --ema) and ema is set, else the trained ones."""

@@ -4,6 +4,7 @@ Sec. 3, 6, App. C.2, D and docs/reference.md Sec. 3-5.
     python train.py --dataset cifar10 --data_dir data/cifar10  # Sphere-L on CIFAR-10
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /data/imagenet
     python train.py --resume --out_dir out/toy                 # continue from out/toy/last.pt
+    python train.py --init_from out/toy/last.pt --out_dir out/ft   # a new run from its weights (fine-tuning)
 Writes to --out_dir: last.pt, ckpt_<step>.pt, samples_<step>.png (Algorithm 1), recon_<step>.png, log.jsonl.
 """
 import argparse
@@ -21,13 +22,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 
-from checkpoint import Checkpointer, check_out_dir, check_writable, load_checkpoint
+from checkpoint import Checkpointer, check_out_dir, check_writable, load_checkpoint, load_weights
 from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, build_dataset,
                   default_workers, die, folder_settings, parser, print0, progress, script)
-from losses import LossWeights, load_perceptual, sphere_losses
+from losses import LossWeights, distance, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
 from parallel import PREEMPTED, StopSignal, agree, ddp_check, fit_to_gpu, init_distributed, wrap
-from spherify import generate, noise_levels, reconstruct, sigma_max
+from spherify import generate, noise_levels, reconstruct, refine, sigma_max
 
 # Per-dataset defaults (docs/reference.md Sec. 2-5), each overridden by the flag of its name; base_lr (the peak lr at
 # global batch 256, scaled with --batch_size, Sec. 5) by --lr; w (Eq. 10: recon dist, recon perc, con dist, con perc,
@@ -91,6 +92,10 @@ def get_args(argv=None):
     p.add_argument("--out_dir", help="default: out/<dataset>")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds a run")
+    p.add_argument("--init_from", metavar="CKPT", help="start a new run from this checkpoint's weights (ours or "
+                   "convert.py's): its model unless --model, a fresh optimizer and schedule; --resume wins")
+    p.add_argument("--init_ema", action="store_true", help="--init_from: its EMA weights (a train.py --ema run)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline: no network)")
     p.add_argument("--seed", type=STEPS, default=0)
     p.add_argument("--num_workers", type=STEPS, help="loader processes (default: from the CPUs)")
     p.add_argument("--max_bad_frac", type=PROB, default=0.001, help="stop past this fraction unreadable")
@@ -122,6 +127,13 @@ def get_args(argv=None):
     elif os.path.exists(path) and not (args.overwrite or args.dry_run):   # a second run never eats the first
         die(f"{args.out_dir} already holds a run (last.pt at step {load_checkpoint(path)['step']}): continue it "
             f"with --resume, or start a new one with another --out_dir (--overwrite replaces it)")
+    if args.init_from and not args.resume:   # its model (unless --model), data set and size, unless flags say
+        ckpt = load_checkpoint(args.init_from)
+        if args.init_ema and "ema" not in ckpt:
+            die(f"--init_ema, but {args.init_from} has no EMA weights (its run had no --ema)")
+        if args.dataset is None:
+            args.dataset, args.data_dir = ckpt["args"].get("dataset"), args.data_dir or ckpt["args"].get("data_dir")
+        args.image_size, args.model = args.image_size or ckpt["config"]["image_size"], args.model or "init_from"
     args.dataset = args.dataset or "toy"
     defaults = DATASETS.get(args.dataset) or (folder_defaults(args) if args.data_dir else DATASETS["flowers"])
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k, None) is None})   # flags given win
@@ -172,9 +184,13 @@ def setup_data(args, ckpt, world, device):
     """Data (Guarded), model config, memory plan (fit_to_gpu; --dry_run exits) -> ds, cfg, micro, max_steps, warmup."""
     ds, num_classes = (None, None) if args.dry_run else build_dataset(args.dataset, args.data_dir, args.image_size,
                                                                      args.unconditional, args.download)
+    classes = {"num_classes": num_classes} if ds else {}
     shape = {k: getattr(args, k) for k in ("patch_size", "latent_dim") if getattr(args, k, None)}   # Tab. 5
-    cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
-                                                            **shape, **({"num_classes": num_classes} if ds else {}))
+    if ckpt and not args.resume and args.model == "init_from":             # its model at this run's size, classes
+        cfg = Config(**{**ckpt["config"], "image_size": args.image_size, **classes})
+    else:
+        cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
+                                                                **shape, **classes)
     if ds is not None and args.max_samples:                               # the same N images on every run
         ds = torch.utils.data.Subset(ds, subset(len(ds), args.max_samples))
     if ds is not None and cfg.num_classes != num_classes:
@@ -212,8 +228,9 @@ def build_model(cfg, args, world, rank, device, ckpt):
     torch.manual_seed(args.seed + rank)                                     # per-rank noise, flips, dropout
     model.set_grad_checkpointing(args.grad_ckpt)
     check_out_dir(args, model.num_params())
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
+    if ckpt:                                                                # --resume, or --init_from's weights
+        load_weights(model, ckpt["model" if args.resume or not args.init_ema else "ema"],
+                     os.path.join(args.out_dir, "last.pt") if args.resume else args.init_from)
     ema = deepcopy(model).requires_grad_(False) if args.ema > 0 else None   # before DDP's hooks
     net = wrap(model, device, world, args.fsdp, args.compile, bf16=args.precision == "bf16")   # before AdamW: FSDP
     # AdamW (0.9, 0.95), the encoder at --enc_lr_mult x the decoder's lr in its own group [released]
@@ -221,15 +238,16 @@ def build_model(cfg, args, world, rank, device, ckpt):
                              {"params": model.decoder.parameters(), "lr_mult": 1.0}], lr=1.0, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay, fused=device.startswith("cuda"))
     checkpointer = Checkpointer(model, opt, ema, cfg, args, world, rank, device)
-    step, bad = checkpointer.restore(ckpt) if ckpt else (0, [])            # bad: indices of unreadable images
+    step, bad = checkpointer.restore(ckpt) if ckpt and args.resume else (0, [])   # bad: unreadable images
     return model, opt, ema, checkpointer, net, step, bad
 
 
 @torch.no_grad()
 def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     """Called on every rank (FSDP gathers the weights); rank 0 writes samples_<step>.png (a row a class, up to 10;
-    Algorithm 1, fixed noise) and recon_<step>.png from the EMA or the model, under FSDP from a copy built on `meta`
-    given the gathered weights (sd: the checkpoint's gather, if this step saved one) and the model's buffers."""
+    Algorithm 1, fixed noise) and recon_<step>.png (rows: x, D(f(E(x))), then D(f(f(E(x)) + r sigma_max e)) at r = 0.5
+    and 1, fixed e) from the EMA or the model, under FSDP from a copy built on `meta` given the gathered weights (sd:
+    the checkpoint's gather, if this step saved one) and the model's buffers."""
     if args.fsdp and sd is None:                                            # a collective: on every rank
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not master:
@@ -251,9 +269,11 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
     with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):
         imgs = generate(model, e, labels, args.sample_steps, sigma_max(args.alpha), generator=g)[-1]
-        recon = reconstruct(model, x[:n])                                  # Eq. 2: D(f(E(x)))
+        x = x[:n]
+        recon = [reconstruct(model, x)] + [refine(model, x, None, [r], sigma_max(args.alpha),   # Eq. 2: D(f(E(x)))
+                 generator=torch.Generator(device).manual_seed(1234))[0] for r in (0.5, 1.0)]   # Eq. 4 at r sigma_max
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
-    save_image(torch.cat([x[:n], recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=n)
+    save_image(torch.cat([x, *recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=len(x))
     model.train(was_training)
 
 
@@ -303,18 +323,37 @@ def check_health(first_bad, bad, ds, args, saved_step):
                 f"{args.dataset} --data_dir {args.data_dir}")
 
 
-def log_step(losses, grad_norm, step, lr, img_per_s, bad, args, bar, master):
-    """Loss terms and grad norm, averaged over ranks: a line under the progress bar and a record in log.jsonl."""
-    names = ("loss", "recon", "pix_con", "lat_con", "grad_norm")
+@torch.no_grad()
+def diagnostics(x, out, perceptual):
+    """From the step's last micro-batch, unweighted: the distance and perceptual parts of Eq. 7 (D(v_noisy) vs x) and
+    Eq. 8 (D(v_NOISY) vs D(v_noisy)); recon_psnr, the PSNR (dB, images in [0, 1]) of D(v_noisy) vs x; z_rms, z_rms_std:
+    the batch mean and std of the encoder's latent RMS ||z|| / sqrt(L) before spherify (Eq. 1). LPIPS: recomputed."""
+    x, x_noisy, x_NOISY = x.float(), out["x_noisy"].float(), out["x_NOISY"].float()
+    rms = out["z"].float().pow(2).flatten(1).mean(1).sqrt()                 # (B,)
+    mse = (x_noisy - x).div(2).pow(2).flatten(1).mean(1)                    # (B,), on the [0, 1] scale
+    parts = {"recon_dist": distance(x_noisy, x), "con_dist": distance(x_NOISY, x_noisy)}
+    if perceptual is not None:
+        parts |= {"recon_perc": perceptual(x_noisy, x), "con_perc": perceptual(x_NOISY, x_noisy)}
+    return {**{k: v.mean() for k, v in parts.items()}, "recon_psnr": (-10 * mse.clamp_min(1e-10).log10()).mean(),
+            "z_rms": rms.mean(), "z_rms_std": rms.std(correction=0)}
+
+
+def log_step(losses, grad_norm, extra, step, lr, img_per_s, bad, args, bar, master, run=None):
+    """Loss terms, grad norm and diagnostics (extra), averaged over ranks: a line under the progress bar, a record in
+    log.jsonl, and in Weights & Biases' run (--wandb)."""
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
-    logs = torch.stack([losses[k].detach().float() for k in ("total", *names[1:4])] + [grad_norm.float()])
+    vals = {"loss": losses["total"], **{k: losses[k] for k in ("recon", "pix_con", "lat_con")}, "grad_norm": grad_norm,
+            **extra}
+    logs = torch.stack([v.detach().float() for v in vals.values()])
     if dist.is_initialized():
         dist.all_reduce(logs, op=dist.ReduceOp.AVG)
-    rec = dict(step=step, **dict(zip(names, logs.tolist())), lr=lr, img_per_s=img_per_s, bad_images=len(bad))
+    rec = dict(step=step, **dict(zip(vals, logs.tolist())), lr=lr, img_per_s=img_per_s, bad_images=len(bad))
     if master:
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if run is not None:
+            run.log(rec, step=step)
 
 
 @script
@@ -330,12 +369,21 @@ def main(argv=None):
         check_writable(args.out_dir, "--out_dir")                          # before the data; room: build_model
         if master and not args.resume and os.path.exists(log := os.path.join(args.out_dir, "log.jsonl")):
             os.remove(log)                                                  # a new run starts a new log
+    run = None
+    if args.wandb and master and not args.dry_run:                         # optional: not in requirements.txt
+        try:
+            import wandb
+        except ImportError:
+            die("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
+        run = wandb.init(project="sphere-encoder", name=os.path.basename(os.path.abspath(args.out_dir)),
+                         dir=args.out_dir, config=vars(args))
     ds, cfg, micro, max_steps, warmup = setup_data(args, ckpt, world, device)   # --dry_run: plan, exit
     lr, min_lr = lr_range(args)
     # --- model, optimizer, EMA, checkpoint, the loss
     model, opt, ema, checkpointer, net, step, bad = build_model(cfg, args, world, rank, device, ckpt)
     if ckpt:
-        print0(f"resumed from {checkpointer.path} at step {step}")
+        print0(f"resumed from {checkpointer.path} at step {step}" if args.resume else
+               f"started from the {'EMA ' if args.init_ema else ''}weights of {args.init_from}")
     del ckpt                                                                # the resumed weights: not kept in RAM
     if not (perceptual := args.w[1] > 0 or args.w[3] > 0):
         print0("warning: training WITHOUT the paper's perceptual (LPIPS) loss term: --perceptual_weight 1 adds it")
@@ -350,7 +398,9 @@ def main(argv=None):
         with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"):   # model.py
             z, x_NOISY, x_noisy, z_re = net(x, y if cfg.num_classes else None, sigma, sigma_sub, args.p_drop,
                                             pix_con=args.w[2] > 0 or args.w[3] > 0, lat_con=args.w[4] > 0)  # Eq. 4-9
-            return sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)        # Eq. 10
+            losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)      # Eq. 10
+        x_rec = x_NOISY if x_noisy is None else x_noisy                     # what Eq. 7 compared with x
+        return {**losses, "z": z.detach(), "x_noisy": x_rec.detach(), "x_NOISY": x_NOISY.detach()}  # for the log
     print0(f"{args.dataset}: {len(ds)} images, {cfg.num_classes} classes | model {args.model}: "
            f"{model.num_params() / 1e6:.1f}M params, latent {cfg.grid}x{cfg.grid}x{cfg.latent_dim} (ratio 3HW/L "
            f"{3 * cfg.patch_size ** 2 / cfg.latent_dim:.3g}) | "
@@ -382,8 +432,8 @@ def main(argv=None):
             if msg := check_health(first_bad, bad, ds, args, checkpointer.saved_step):
                 stop(msg, code=1 if first_bad >= 0 else 2)
             if due(args.log_every):
-                log_step(losses, grad_norm, step, lr_now, (step - logged) * args.batch_size / (time.time() - t0), bad,
-                         args, bar, master)
+                log_step(losses, grad_norm, diagnostics(x, losses, perceptual), step, lr_now,
+                         (step - logged) * args.batch_size / (time.time() - t0), bad, args, bar, master, run)
                 logged, t0 = step, time.time()
             sd = None
             if (due(args.ckpt_every) if args.ckpt_every else timed_save or step == max_steps) or signalled:
@@ -399,6 +449,8 @@ def main(argv=None):
             ddp_check(model, world)
         dist.barrier()                 # leave together: rank 0 may still be writing grids while the others finish
         dist.destroy_process_group()
+    if run is not None:
+        run.finish()
     print0(f"done: {step} steps, checkpoint {checkpointer.path}")
 
 

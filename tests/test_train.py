@@ -1,10 +1,14 @@
-"""train.py and data.py: resume equals uninterrupted, DDP on gloo, atomic checkpoints, bad input."""
+"""train.py and data.py: resume equals uninterrupted, DDP on gloo, atomic checkpoints, bad input,
+--init_from, the log."""
+import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import train
@@ -204,3 +208,55 @@ def test_latent_shape_flags_train_and_sample(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", "--out_dir", out, "--latent_dim", "32"])
     assert "--latent_dim 32 conflicts with --resume" in capsys.readouterr().err
+    assert Image.open(os.path.join(out, "recon_0000003.png")).size == (2 + 8 * 34, 2 + 4 * 34)   # x, clean, r 0.5, 1
+
+
+def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
+    """train.py --init_from: step 0, the given (or EMA) weights, a fresh schedule; another model: one line."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    train.main(FAST + ["--max_steps", "2", "--ema", "0.5", "--out_dir", src])
+    s = checkpoint.load_checkpoint(os.path.join(src, "last.pt"))
+    assert not torch.equal(s["model"]["decoder.out.weight"], s["ema"]["decoder.out.weight"])
+    no_model = FAST[:2] + FAST[4:]                                             # the checkpoint's model
+    for key, flags in (("model", []), ("ema", ["--init_ema"])):               # lr 1e-12: 5 steps move nothing
+        train.main(no_model + ["--init_from", os.path.join(src, "last.pt"), "--out_dir", dst, "--overwrite",
+                               "--max_steps", "5", "--lr", "1e-12", "--log_every", "1", *flags])
+        d = checkpoint.load_checkpoint(os.path.join(dst, "last.pt"))
+        assert d["step"] == 5 and d["config"] == s["config"]
+        for k, v in s[key].items():
+            torch.testing.assert_close(d["model"][k], v, rtol=0, atol=1e-9)
+        assert [json.loads(line)["step"] for line in open(os.path.join(dst, "log.jsonl"))] == [1, 2, 3, 4, 5]
+        assert f"started from the {'EMA ' if flags else ''}weights of" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        train.main(no_model + ["--init_from", os.path.join(src, "last.pt"), "--out_dir", str(tmp_path / "big"),
+                               "--image_size", "64"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "encoder.mixer.blocks.0.token_mix.0.weight is (16, 16) there, (64, 64) here" in err
+
+
+def test_log_carries_the_loss_parts_psnr_and_latent_norms(tmp_path, monkeypatch, capsys):
+    """diagnostics() against hand values; log.jsonl, the progress line and a (stub) wandb run carry them."""
+    x = torch.zeros(2, 3, 4, 4)
+    z = torch.stack([torch.full((2, 2, 3), 2.0), torch.full((2, 2, 3), 4.0)])            # latent RMS 2 and 4
+    out = {"x_noisy": x + 0.2, "x_NOISY": x + 0.4, "z": z}
+    d = train.diagnostics(x, out, perceptual=lambda a, b: (a - b).abs().flatten(1).mean(1))
+    want = {"recon_dist": 0.5 * 0.1 ** 2, "con_dist": 0.5 * 0.1 ** 2, "recon_perc": 0.2, "con_perc": 0.2,
+            "recon_psnr": 20.0, "z_rms": 3.0, "z_rms_std": 1.0}                # [0, 1] scale: error 0.1 -> 20 dB
+    assert {k: v.item() for k, v in d.items()} == pytest.approx(want)
+    logged = []
+
+    class Run:
+        def log(self, rec, step): logged.append((step, rec))
+        def finish(self): logged.append("finished")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run()))
+    out_dir = str(tmp_path / "o")
+    train.main(FAST + ["--max_steps", "2", "--log_every", "1", "--wandb", "--out_dir", out_dir])
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    assert {"recon_dist", "con_dist", "recon_psnr", "z_rms", "z_rms_std"} <= set(recs[0]) and recs[0]["recon_psnr"] > 0
+    assert logged == [(r["step"], r) for r in recs] + ["finished"]
+    assert "| recon_psnr " in capsys.readouterr().out                         # the progress line
+    monkeypatch.setitem(sys.modules, "wandb", None)                            # not installed
+    with pytest.raises(SystemExit) as exc:
+        train.main(FAST + ["--max_steps", "1", "--wandb", "--out_dir", str(tmp_path / "w")])
+    assert exc.value.code == 2 and "--wandb needs the wandb package" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Nothing a user hands in is trusted: every file is read as data. A crafted pickle whose unpickling would create a
-marker file is given to every path that reads a user's file (each script's --ckpt, --resume, convert.py, --ref,
+marker file is given to every path that reads a user's file (each script's --ckpt, --resume, train.py's --init_from,
+convert.py, --ref,
 the Inception weights of FID/IS and torch hub's cached copy of them, the toy classifier next to a checkpoint): the
 marker never appears and the script ends in one line, exit 2. A scan of the sources keeps the next loader honest."""
 import os
@@ -117,6 +118,15 @@ def test_crafted_last_pt_never_runs_in_train(resume, plant, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(FAST + ["--max_steps", "1", "--out_dir", str(tmp_path), *(["--resume"] if resume else [])])
     refused(capsys, exc, marker, evil)
+
+
+def test_crafted_init_from_never_runs_in_train(plant, tmp_path, capsys):
+    make, marker = plant
+    evil = make(tmp_path / "evil.pt")
+    with pytest.raises(SystemExit) as exc:
+        train.main(FAST + ["--max_steps", "1", "--out_dir", str(tmp_path / "run"), "--init_from", evil])
+    refused(capsys, exc, marker, evil)
+    assert not os.path.exists(tmp_path / "run" / "last.pt")
 
 
 def test_crafted_release_file_never_runs_in_convert(plant, tmp_path, capsys):

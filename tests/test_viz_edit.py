@@ -127,3 +127,76 @@ def test_edit_uses_the_ema_weights_unless_raw_weights(model, tmp_path):
     with_ema, raw = recon("both"), recon("both", "--raw_weights")
     assert torch.equal(with_ema, recon("ema_only")) and torch.equal(raw, recon("trained"))
     assert not torch.equal(with_ema, raw)
+
+
+def test_stitch_layouts_and_aliases():
+    xa, xb = -torch.ones(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    a = lambda mode: (edit.stitch(xa, xb, mode)[0, 0] < 0).int().tolist()    # 1 where image a is
+    assert a("horizontal") == a("left-right") == [[1, 1, 0, 0]] * 4
+    assert a("vertical") == a("top-bottom") == [[1] * 4] * 2 + [[0] * 4] * 2
+    assert a("tri_forward") == a("diagonal") == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]   # '/'
+    assert a("tri_backward") == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]                   # '\'
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Odd sizes and modes a user may hand in: greyscale PNG, RGBA (left half transparent), palette GIF, CMYK JPEG."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (41, 57, 4), dtype=np.uint8)
+    rgba[:, :28, 3] = 0
+    ims = {"grey.png": Image.fromarray(rng.integers(0, 256, (45, 30), dtype=np.uint8), "L"),
+           "alpha.png": Image.fromarray(rgba, "RGBA"),
+           "pal.gif": Image.fromarray(rng.integers(0, 256, (33, 70, 3), dtype=np.uint8)).convert("P"),
+           "cmyk.jpg": Image.fromarray(rng.integers(0, 256, (120, 90, 4), dtype=np.uint8), "CMYK")}
+    for name, im in ims.items():
+        im.save(tmp_path / name)
+    return {name: str(tmp_path / name) for name in ims}
+
+
+def test_load_image_reads_any_mode_and_size_as_training_does(photos):
+    for name, path in photos.items():
+        x = edit.load_image(path, 32)
+        assert x.shape == (3, 32, 32) and -1 <= x.min() < x.max() <= 1, name
+    grey = edit.load_image(photos["grey.png"], 32)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    alpha = edit.load_image(photos["alpha.png"], 32)                         # short side 41 -> 32: left 28 of 57 cols
+    assert torch.all(alpha[:, :, :10] == 1) and not torch.all(alpha[:, :, 20:] == 1)   # transparent: white
+
+
+def test_edit_takes_your_images(model, photos, tmp_path, capsys):
+    from dataclasses import asdict
+    ckpt = tmp_path / "t.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(model.cfg), "args": {"dataset": "toy", "alpha": 80.0}}, ckpt)
+    run = lambda *a: edit.main([*a, "--ckpt", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "o.png")])
+    run("manipulate", "--image", photos["cmyk.jpg"], "--target", "3")
+    assert Image.open(tmp_path / "o.png").size == (2 + 5 * 34, 2 + 34)       # the input, then 4 rounds
+    run("crossover", "--image", photos["alpha.png"], "--image", photos["pal.gif"], "--stitch", "diagonal")
+    assert Image.open(tmp_path / "o.png").size == (2 + 13 * 34, 2 + 34)      # a, b, stitched, then 10 rounds
+    run("recon", "--image", photos["grey.png"], "--images", "5")              # a file and a training image
+    assert Image.open(tmp_path / "o.png").size == (2 + 2 * 34, 2 + 2 * 34)
+    for args, words in [(("crossover", "--image", photos["grey.png"]), "crossover needs 2 images"),
+                        (("recon", "--image", str(tmp_path / "t.pt")), "cannot be read as an image")]:
+        with pytest.raises(SystemExit) as exc:
+            run(*args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("mode", ["lerp", "slerp"])
+def test_class_interp_ends_are_plain_generation(model, mode):
+    """Fig. 6 right: the first column is generate(e0, a), the last generate(e1, b); between, the class mix."""
+    from spherify import generate, sigma_max
+    onehot = torch.nn.functional.one_hot(torch.tensor([2, 5]), 11).float()   # float rows: class weights
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(model.encode(x, onehot), model.encode(x, torch.tensor([2, 5])))
+    pairs, n = [[1, 7], [4, 0]], 3
+    out = edit.class_interp(model, 80, pairs, n=n, steps=2, mode=mode, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)                                       # the same draws
+    e0, e1 = torch.randn(2, 2, 8, 8, 8, generator=g)
+    seed = int(torch.randint(2 ** 62, (1,), generator=g))
+    plain = lambda e, y: generate(model, e, torch.tensor(y), 2, sigma_max(80),
+                                  generator=torch.Generator().manual_seed(seed))[-1]
+    out = out.view(2, n, 3, 32, 32)
+    torch.testing.assert_close(out[:, 0], plain(e0, [1, 4]))
+    torch.testing.assert_close(out[:, -1], plain(e1, [7, 0]))
+    assert not torch.allclose(out[:, 1], out[:, 0]) and not torch.allclose(out[:, 1], out[:, -1])
