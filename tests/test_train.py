@@ -192,6 +192,7 @@ def test_grids_come_every_sample_every_steps_between_log_steps(tmp_path):
     out = str(tmp_path / "o")
     train.main(FAST + ["--max_steps", "6", "--log_every", "4", "--sample_every", "3", "--out_dir", out])
     assert sorted(f for f in os.listdir(out) if f.startswith("samples_")) == ["samples_0000003.png", "samples_0000006.png"]
+    assert Image.open(os.path.join(out, "recon_0000003.png")).size == (2 + 8 * 34, 2 + 4 * 34)   # x, clean, r 0.5, 1
 
 
 def test_latent_shape_flags_train_and_sample(tmp_path, capsys):
@@ -208,7 +209,6 @@ def test_latent_shape_flags_train_and_sample(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", "--out_dir", out, "--latent_dim", "32"])
     assert "--latent_dim 32 conflicts with --resume" in capsys.readouterr().err
-    assert Image.open(os.path.join(out, "recon_0000003.png")).size == (2 + 8 * 34, 2 + 4 * 34)   # x, clean, r 0.5, 1
 
 
 def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
