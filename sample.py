@@ -149,14 +149,17 @@ def features(images, net, device, rank, world, desc, batch_size=64, model=None):
                                          num_workers=default_workers(4))
     out = {k: [torch.empty(0, d)] for k, d in FEATURES.items()}
     with progress(total=hi - lo, desc=desc, unit="img", disable=rank > 0) as bar:
-        for x in loader:
-            x = x.to(device)
-            if model is not None:
-                with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-                    x = to_uint8(reconstruct(model, x.float() / 127.5 - 1))
-            for k, f in zip(FEATURES, net(x)):
-                out[k].append(f.float().cpu())
-            bar.update(len(x))
+        try:
+            for x in loader:
+                x = x.to(device)
+                if model is not None:
+                    with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+                        x = to_uint8(reconstruct(model, x.float() / 127.5 - 1))
+                for k, f in zip(FEATURES, net(x)):
+                    out[k].append(f.float().cpu())
+                bar.update(len(x))
+        except Exception as err:                                            # an unreadable reference image, ...
+            raise DataError(f"{desc}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     return {k: torch.cat(v) for k, v in out.items()}
 
 

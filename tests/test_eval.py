@@ -67,7 +67,8 @@ def test_fid_rfid_is_prc_cached_sharded_and_from_statistics(ckpt, weights, tmp_p
     common = ["--ckpt", ckpt, "--num_samples", "10", "--batch_size", "4", "--inception_weights", weights,
               "--device", "cpu"]
     every = lambda cache: ["--fid", "--rfid", "--is", "--prc", "--ref", ref, "--fid_cache", str(tmp_path / cache)]
-    metrics = lambda name: {(r["cfg"], r["steps"]): r for r in json.load(open(tmp_path / f"{name}_metrics.json"))["rows"]}
+    rows = lambda name: json.load(open(tmp_path / f"{name}_metrics.json"))["rows"]
+    metrics = lambda name: {(r["cfg"], r["steps"]): r for r in rows(name)}
 
     def one(name, *flags):
         sample.main([*common, *flags, "--out", str(tmp_path / f"{name}.png")])
@@ -79,11 +80,11 @@ def test_fid_rfid_is_prc_cached_sharded_and_from_statistics(ckpt, weights, tmp_p
         assert set(row) == {"cfg", "steps", "gFID", "rFID", "IS", "IS_std", "precision", "recall"}
         assert all(np.isfinite(v) for v in row.values()) and row["gFID"] > 0 and 0 <= row["recall"] <= 1
     (cache,) = os.listdir(tmp_path / "c1")
-    out, again = one("b", "--steps", "1", *every("c1"))                                        # the cache: no reference extraction
+    out, again = one("b", "--steps", "1", *every("c1"))                        # the cache: no reference extraction
     assert "reference features" not in out.err and f"reference statistics: read {tmp_path / 'c1' / cache}" in out.out
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
-                        "sample.py", *common, "--steps", "1,2", *every("c2"), "--out", str(tmp_path / "c.png")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "sample.py", *common, "--steps", "1,2", *every("c2"), "--out", str(tmp_path / "c.png")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "reference features" in r.stderr, r.stderr[-3000:]   # sharded, its own extraction
     two = metrics("c")
     for k in first:
@@ -110,7 +111,8 @@ def test_default_reference_is_ref_count_training_images_drawn_with_a_seed():
     ds, stats, name = sample.reference(None, {"dataset": "toy"}, 32, count=40)
     assert len(ds) == 40 and stats is None and name == "sphere-toy-builtin-32px-40"
     idx = ds.items.indices
-    assert idx == sorted(idx) and idx != list(range(40)) and idx == sample.reference(None, {"dataset": "toy"}, 32, 40)[0].items.indices
+    assert idx == sorted(idx) and idx != list(range(40))
+    assert idx == sample.reference(None, {"dataset": "toy"}, 32, 40)[0].items.indices             # the same draw
     assert len(sample.reference(None, {"dataset": "toy"}, 32, count=10 ** 6)[0]) == 10_000   # all, when fewer
 
 
