@@ -315,7 +315,7 @@ def main(argv=None):
     world, rank, device = init_distributed(args.device, args.dist_timeout)
     model, train_args = load_model(args.ckpt, device, ema=not args.raw_weights)
     cfg = model.cfg
-    if cfg.num_classes == 0 and (args.cfg != [1.0] or args.classes is not None):
+    if cfg.num_classes == 0 and (any(c != 1 for c in args.cfg) or args.classes is not None):
         die("--cfg and --classes need a class-conditional model; this one is unconditional (use --cfg 1)")
     classes = list(range(cfg.num_classes)) if args.classes is None else args.classes
     if any(not 0 <= c < cfg.num_classes for c in classes):
@@ -328,7 +328,7 @@ def main(argv=None):
             print0("flowers: a fresh noise e' at every step (--noise independent, as the model card evaluates Flowers)")
     clf = args.toy_metrics and rank == 0 and toy_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                                                          "toy_classifier_seed0.pt"))   # fail now
-    scored = args.fid or args.rfid or args.is_ or args.prc
+    scored, ref = args.fid or args.rfid or args.is_ or args.prc, None
     if args.fid or args.rfid or args.prc:                                   # every rank: its share; bad --ref: fail now
         ref_images, ref, key = reference(args.ref, train_args, cfg.image_size, args.ref_count)
         if args.prc and ref_images is None:
