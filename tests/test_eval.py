@@ -84,7 +84,8 @@ def test_fid_rfid_is_prc_cached_sharded_and_from_statistics(ckpt, weights, tmp_p
     assert "reference features" not in out.err and f"reference statistics: read {tmp_path / 'c1' / cache}" in out.out
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
                         "sample.py", *common, "--steps", "1,2", *every("c2"), "--out", str(tmp_path / "c.png")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "reference features" in r.stderr, r.stderr[-3000:]   # sharded, its own extraction
     two = metrics("c")
     for k in first:
