@@ -174,24 +174,18 @@ def test_toy_recon_scores_colour_gap_and_class_accuracy():
     assert per_class == {name: float(name == "ring") for name in ToyShapes.classes[:8]}
 
 
-def test_fid_gets_the_ref_at_model_size_and_offline_error_names_the_weights_flag(ckpt, monkeypatch, capsys, tmp_path):
-    import torch_fidelity
-    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((6, 32, 32, 3), np.uint8))    # ADM reference batch format
-    seen = {}
-
-    def offline(**kw):
-        seen.update(kw)
-        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", offline)
-    monkeypatch.setattr(sample, "load_inception", lambda weights: None)        # as if the weights were cached
-    with pytest.raises(SystemExit) as exc:
-        sample.main(["--ckpt", ckpt, "--n", "4", "--steps", "1", "--fid", "--ref", str(tmp_path / "ref.npz"),
-                     "--out", str(tmp_path / "f.png")])
-    assert exc.value.code == 2
-    assert "--inception_weights PATH" in capsys.readouterr().err
-    assert len(seen["input1"]) == 4 and seen["input1"][0].dtype == torch.uint8 and seen["input1"][0].shape == (3, 32, 32)
-    assert len(seen["input2"]) == 6 and seen["input2"][5].dtype == torch.uint8 and seen["input2"][5].shape == (3, 32, 32)
-    assert seen["input2_cache_name"].startswith("sphere-ref-") and seen["input2_cache_name"].endswith("-32px-6")
+def test_flowers_samples_with_independent_noise_unless_told(ckpt, tmp_path, capsys, monkeypatch):
+    """The model card evaluates Flowers with --cache_sampling_noise False: a fresh e' per step."""
+    ck = torch.load(ckpt, weights_only=True)
+    torch.save({**ck, "args": {**ck["args"], "dataset": "flowers"}}, tmp_path / "flowers.pt")
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda m, e, y, steps, *a, **kw:         # a[4]: the noise argument
+                        seen.append(a[4]) or [torch.zeros(len(e), 3, 32, 32)])
+    for path, flags, noise in [(tmp_path / "flowers.pt", [], "independent"), (ckpt, [], "shared"),
+                               (tmp_path / "flowers.pt", ["--noise", "shared"], "shared")]:
+        sample.main(["--ckpt", str(path), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png"), *flags])
+        assert seen.pop() == noise and ("--noise independent, as the model card" in capsys.readouterr().out) == (
+            noise == "independent")
 
 
 def test_missing_inception_weights_fail_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
@@ -224,7 +218,8 @@ def test_bad_ref_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         sample.main(["--ckpt", ckpt, "--fid", "--ref", str(tmp_path / "nope")])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.strip().endswith("is neither an image folder nor an .npz reference batch (arr_0 uint8 NHWC)")
+    assert capsys.readouterr().err.strip().endswith("is neither an image folder nor an .npz reference batch (arr_0 uint8 "
+                                                    "NHWC) or statistics (mu, sigma)")
 
 
 def test_ema_weights_are_sampled_unless_raw_weights(ckpt, tmp_path, capsys):
