@@ -30,7 +30,7 @@ plt.switch_backend("Agg")
 
 RECIPE = ["--epochs", "3", "--log_every", "117", "--sample_every", "936"]    # 936 steps of 32: ~2 min alone
 QUICK = ["--max_steps", "12", "--batch_size", "8", "--log_every", "6", "--sample_every", "12"]
-BASE = ["--keep_every", "234"]                          # the quick start's settings; 4 checkpoints kept (uniform)
+BASE = ["--keep_every", "234"]                          # the quick start's settings (and 2 checkpoints kept)
 STEPS = (1, 2, 4, 6)
 HELD_OUT = 50_000                                       # toy images from here on: seen by no model, no judge
 
@@ -71,7 +71,8 @@ STUDIES = {
                  {f"{p} {s}": {"cfg": s, "cfg_position": p} for p in ("pixel", "latent", "combo")
                   for s in (1.0, 1.5, 2.0, 3.0, 4.0)}, x="cfg", series="cfg_position", where={"steps": 4}),
     "uniform": Study("Sec. 6, App. C.3: with no regulariser, encoded latents become nearly as uniform as the prior",
-                     {"base": BASE}, x="train_step", series="points", metric="uniformity"),
+                     {"base": ["--keep_every", "117", "--ckpt_every", "117"]},   # base's training, 8 checkpoints
+                     x="train_step", series="points", metric="uniformity"),
     "memorization": Study("App. B: trained much longer, samples sit closer to training images than held-out images do",
                           {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]}, x="variant",
                           series="steps", metric="nn_ratio"),
