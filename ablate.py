@@ -179,7 +179,7 @@ def plot(ax, rows, s, name):
         ax.errorbar([str(x) for x in xs] if s.x == "variant" else xs, mean, yerr=err, marker="o", capsize=3,
                     label=f"{s.series} {label}" if s.series == "steps" else label)
     ax.set(xlabel=s.x, ylabel=s.metric + (" (lower is better)" if s.metric in ("toy_fd", "nn_ratio") else ""),
-           title=name)
+           title=" ".join([name, *(f"({k} {v})" for k, v in s.where.items())]))
     ax.legend(fontsize=6)
 
 
