@@ -54,7 +54,7 @@ class Study:
 STUDIES = {
     "steps": Study("Tab. 1, Fig. 5: quality improves with every step 1 -> 2 -> 4 -> 6, without CFG and with it",
                    {"3 epochs": BASE, "16 epochs": ["--epochs", "16"]},       # the lab's recipe, the quick start's
-                   {"no CFG": {}, "CFG 3 combo": {"cfg": 3.0},                     # and how big a step-2 move helps:
+                   {"no CFG": {}, "CFG 3 combo": {"cfg": 3.0}, "gamma 1 (r 0 at step T)": {"gamma": 1},   # the probes:
                     **{f"sampled at {a} deg": {"alpha": a} for a in (70, 60, 45)}}, series=("variant", "sampling")),
     "alpha": Study("Sec. 6, Fig. 10-11: generation fails at alpha <= 45 deg while reconstruction is fine; it improves "
                    "toward 80-85 deg", {f"alpha {a}": BASE if a == 80 else angle(a) for a in (30, 45, 60, 70, 80, 85)},
@@ -139,8 +139,8 @@ def judge(study, s, folder, clf, n):
     for name, settings in s.sampling.items():
         for steps, x in samples(model, targs, n, STEPS, settings).items():
             m = toy_scores(x, torch.arange(n) % 10, clf)
-            out[(name, steps)] = {"toy_fd": m["toy_fd"], "class_acc": m["class_acc"], "recon_colour_err": recon[0],
-                                  "recon_acc": recon[1], **settings}
+            out[(name, steps)] = {"toy_fd": m["toy_fd"], "class_acc": m["class_acc"], "colour_spread": m["colour_spread"],
+                                  "recon_colour_err": recon[0], "recon_acc": recon[1], **settings}
             if study == "memorization":                                     # App. B: train vs held-out neighbours
                 seen = targs.get("max_samples") and train.subset(10_000, targs["max_samples"])
                 k = min(n, 500)
