@@ -61,11 +61,13 @@ STUDIES = {
                    x="train_alpha", series="steps"),
     "losses": Study("Tab. 4: reconstruction alone < + pixel consistency < + latent consistency; reconstruction alone "
                     "shows artifacts", {"recon": ["--weights", "50", "0", "0", "0", "0"],
-                                        "recon + pix_con": ["--weights", "50", "0", "25", "0", "0"], "all three": BASE}),
+                                        "recon + pix_con": ["--weights", "50", "0", "25", "0", "0"],
+                                        "all three": BASE}),
     "band": Study("App. C.2, Tab. 10: mixing [80, 85] deg at p = 0.1 beats no mixing at 1 and 4 steps; mixing up to 89 "
-                  "does worse", {"no mixing": ["--band", "80"], "[80, 85] p 0.1": BASE, "[80, 89] p 0.1": ["--band", "89"]}),
-    "schemes": Study("Sec. 6, Tab. 6: fixed r (gamma = 0) beats decay (gamma = 1), shared noise beats independent, at 2, "
-                     "4 and 6 steps", {"base": BASE}, {f"gamma {g}, {n}": {"gamma": g, "noise": n} for g in (0, 1)
+                  "does worse", {"no mixing": ["--band", "80"], "[80, 85] p 0.1": BASE,
+                                 "[80, 89] p 0.1": ["--band", "89"]}),
+    "schemes": Study("Sec. 6, Tab. 6: fixed r (gamma = 0) beats decay (gamma = 1), shared noise beats independent, "
+                     "at 2, 4 and 6 steps", {"base": BASE}, {f"gamma {g}, {n}": {"gamma": g, "noise": n} for g in (0, 1)
                                                         for n in ("shared", "independent")}, series="sampling"),
     "cfg": Study("App. C.1, Tab. 9: pixel CFG beats latent CFG; combo is best at a moderate scale", {"base": BASE},
                  {f"{p} {s}": {"cfg": s, "cfg_position": p} for p in ("pixel", "latent", "combo")
@@ -74,8 +76,8 @@ STUDIES = {
                      {"base": ["--keep_every", "117", "--ckpt_every", "117"]},   # base's training, 8 checkpoints
                      x="train_step", series="points", metric="uniformity"),
     "memorization": Study("App. B: trained much longer, samples sit closer to training images than held-out images do",
-                          {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]}, x="variant",
-                          series="steps", metric="nn_ratio"),
+                          {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]},
+                          x="variant", series="steps", metric="nn_ratio"),
 }
 
 
@@ -139,7 +141,7 @@ def judge(study, s, folder, clf, n):
     for name, settings in s.sampling.items():
         for steps, x in samples(model, targs, n, STEPS, settings).items():
             m = toy_scores(x, torch.arange(n) % 10, clf)
-            out[(name, steps)] = {"toy_fd": m["toy_fd"], "class_acc": m["class_acc"], "colour_spread": m["colour_spread"],
+            out[(name, steps)] = {**{k: m[k] for k in ("toy_fd", "class_acc", "colour_spread")},
                                   "recon_colour_err": recon[0], "recon_acc": recon[1], **settings}
             if study == "memorization":                                     # App. B: train vs held-out neighbours
                 seen = targs.get("max_samples") and train.subset(10_000, targs["max_samples"])
@@ -198,7 +200,8 @@ def run_study(name, args, clf):
         scores = judge(name, s, run, clf, args.n)
         new = [dict(study=name, variant=variant, seed=seed, sampling=k[0], steps=k[1], flags=" ".join(flags),
                     train_alpha=float(dict(zip(flags, flags[1:])).get("--alpha", 80)),
-                    **({"points": k[0], "train_step": k[1]} if name == "uniform" else {}), **v) for k, v in scores.items()]
+                    **({"points": k[0], "train_step": k[1]} if name == "uniform" else {}), **v)
+               for k, v in scores.items()]
         with open(path, "a") as f:                                          # a whole run's lines at once
             f.write("".join(json.dumps(r) + "\n" for r in new))
         rows += new
@@ -214,7 +217,8 @@ def run_study(name, args, clf):
     fig.tight_layout()
     fig.savefig(os.path.join(folder, f"{name}.png"), dpi=90)
     plt.close(fig)
-    print0(f"{name}: {len(rows)} results in {folder} ({len(todo)} runs trained or judged now, {time.time() - t0:.0f} s)")
+    print0(f"{name}: {len(rows)} results in {folder} ({len(todo)} runs trained or judged now, "
+           f"{time.time() - t0:.0f} s)")
     return rows
 
 

@@ -39,8 +39,9 @@ def save_checkpoint(obj, path, write=None, what="checkpoint"):
 
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) of any file a user hands in (nothing is trusted), memory-mapped (tensors nobody reads, e.g. the optimizer
-    state in sample.py, stay on disk); missing, not a zip, truncated, corrupt -> DataError."""
+    """torch.load(path, weights_only=True) of any file a user hands in (nothing is trusted), memory-mapped (tensors
+    nobody reads, e.g. the optimizer state in sample.py, stay on disk); missing, not a zip, truncated, corrupt ->
+    DataError."""
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
