@@ -57,7 +57,7 @@ STUDIES = {
                    {"no CFG": {}, "CFG 3 combo": {"cfg": 3.0},                     # and how big a step-2 move helps:
                     **{f"sampled at {a} deg": {"alpha": a} for a in (70, 60, 45)}}, series=("variant", "sampling")),
     "alpha": Study("Sec. 6, Fig. 10-11: generation fails at alpha <= 45 deg while reconstruction is fine; it improves "
-                   "toward 80-85 deg", {f"alpha {a}": BASE if a == 80 else angle(a) for a in (30, 45, 60, 80, 85)},
+                   "toward 80-85 deg", {f"alpha {a}": BASE if a == 80 else angle(a) for a in (30, 45, 60, 70, 80, 85)},
                    x="train_alpha", series="steps"),
     "losses": Study("Tab. 4: reconstruction alone < + pixel consistency < + latent consistency; reconstruction alone "
                     "shows artifacts", {"recon": ["--weights", "50", "0", "0", "0", "0"],
@@ -181,7 +181,8 @@ def plot(ax, rows, s, name):
         err = [[m - min(pts[x]) for m, x in zip(mean, xs)], [max(pts[x]) - m for m, x in zip(mean, xs)]]
         ax.errorbar([str(x) for x in xs] if s.x == "variant" else xs, mean, yerr=err, marker="o", capsize=3,
                     label=f"{s.series} {label}" if s.series == "steps" else label)
-    ax.set(xlabel=s.x, ylabel=s.metric + (" (lower is better)" if s.metric in ("toy_fd", "nn_ratio") else ""),
+    note = {"toy_fd": " (lower is better)", "nn_ratio": " (< 1: nearer to training)", "uniformity": " (uniform: -4)"}
+    ax.set(xlabel=s.x, ylabel=s.metric + note.get(s.metric, ""),
            title=" ".join([name, *(f"({k} {v})" for k, v in s.where.items())]))
     ax.legend(fontsize=6)
 
