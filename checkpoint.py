@@ -3,11 +3,9 @@ of tensors and builtins, so torch.load(weights_only=True) reads them. Writes are
 leaves the old file whole); a bad file is a one-line DataError naming the cause, never a traceback.
 """
 import os
-import re
 import shutil
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict
 
 import torch
@@ -15,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from data import DataError, build_dataset, die, print0
+from data import DataError, build_dataset, die, print0, read_checkpoint   # re-exported: every loader's
 from model import Config, SphereEncoder
 
 SAVE_DELAY = float(os.environ.get("SPHERE_SAVE_DELAY", 0))   # tests: widen the window for a kill mid-write
@@ -36,29 +34,6 @@ def save_checkpoint(obj, path, write=None, what="checkpoint"):
             os.remove(tmp)
         kept = f"the previous {what} is intact" if os.path.isfile(path) else f"no {what} written yet"
         raise DataError(f"cannot write {what} {path!r}: {err.strerror or err}; {kept}") from None
-
-
-def read_checkpoint(path):
-    """torch.load(path, weights_only=True) of any file a user hands in (nothing is trusted), memory-mapped (tensors
-    nobody reads, e.g. the optimizer state in sample.py, stay on disk); missing, not a zip, truncated, corrupt ->
-    DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
-    with open(path, "rb") as f:
-        head = f.read(8)
-    legacy = head.startswith(b"\x80\x02\x8a\x0al\xfc\x9c")                     # torch.save before 1.6: a pickle
-    if not head.startswith(b"PK") and not legacy:                           # torch.save writes a zip archive
-        raise DataError(f"{path!r} is not a PyTorch checkpoint (not a zip archive; it starts with {head!r})")
-    if not legacy and not zipfile.is_zipfile(path):                         # the archive's directory is at its end
-        raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
-    except Exception as err:                                                # never torch's weights_only paragraph
-        if found := re.search(r"GLOBAL ([\w.]+)", str(err)):                # a pickled object: never unpickled
-            raise DataError(f"{path!r} is refused: it holds a pickled {found[1]}, and loading a pickled object can "
-                            f"run code (every file is read as data: tensors and builtins only)") from None
-        cause = re.search(r"WeightsUnpickler error: (.*)", str(err))
-        raise DataError(f"{path!r} is corrupt: {cause[1] if cause else str(err).splitlines()[0][:200]}") from None
 
 
 def load_checkpoint(path):

@@ -8,7 +8,9 @@ import contextlib
 import functools
 import math
 import os
+import re
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -22,6 +24,29 @@ def die(msg, code=2):
     """Bad input: one line on stderr, exit code 2, no traceback (also argparse's p.error)."""
     print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) of any file a user hands in (nothing is trusted), memory-mapped (tensors
+    nobody reads, e.g. the optimizer state in sample.py, stay on disk); missing, not a zip, truncated, corrupt ->
+    DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
+    with open(path, "rb") as f:
+        head = f.read(8)
+    legacy = head.startswith(b"\x80\x02\x8a\x0al\xfc\x9c")                     # torch.save before 1.6: a pickle
+    if not head.startswith(b"PK") and not legacy:                           # torch.save writes a zip archive
+        raise DataError(f"{path!r} is not a PyTorch checkpoint (not a zip archive; it starts with {head!r})")
+    if not legacy and not zipfile.is_zipfile(path):                         # the archive's directory is at its end
+        raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+    except Exception as err:                                                # never torch's weights_only paragraph
+        if found := re.search(r"GLOBAL ([\w.]+)", str(err)):                # a pickled object: never unpickled
+            raise DataError(f"{path!r} is refused: it holds a pickled {found[1]}, and loading a pickled object can "
+                            f"run code (every file is read as data: tensors and builtins only)") from None
+        cause = re.search(r"WeightsUnpickler error: (.*)", str(err))
+        raise DataError(f"{path!r} is corrupt: {cause[1] if cause else str(err).splitlines()[0][:200]}") from None
 
 
 def print0(*args):
@@ -173,7 +198,6 @@ def toy_classifier(path, steps=300, device="cpu"):
         torch.manual_seed(0)
         net = ToyClassifier().to(device)
     if os.path.isfile(path):                                                # read as data, like every file
-        from checkpoint import read_checkpoint                              # (checkpoint.py imports this file)
         try:
             net.load_state_dict(read_checkpoint(path))
         except (RuntimeError, TypeError) as err:                            # another network's weights
