@@ -23,6 +23,7 @@ from torchvision.utils import save_image
 import train
 from checkpoint import load_model
 from data import COUNT, ToyShapes, parser, print0, progress, script, toy_classifier
+from model import LATENTS
 from sample import toy_recon_scores, toy_scores
 from spherify import generate, sigma_max, spherify
 from viz import uniformity
@@ -76,6 +77,11 @@ STUDIES = {
     "uniform": Study("Sec. 6, App. C.3: with no regulariser, encoded latents become nearly as uniform as the prior",
                      {"base": ["--keep_every", "117", "--ckpt_every", "117"]},   # base's training, 8 checkpoints
                      x="train_step", series="points", metric="uniformity"),
+    "compression": Study("App. C.5, Fig. 20, Tab. 5: the volume ratio 3HW/L is best near 1.5 and 3.0; at one L a finer "
+                         "latent grid (more tokens, fewer channels) generates better", {**{f"4x4x{d}": BASE if d == 128
+                         else ["--latent_dim", str(d)] for d in (256, 128, 64, 32, 16)},      # ratio 0.75 .. 12
+                         **{f"8x8x{d}": ["--patch_size", "4", "--latent_dim", str(d)] for d in (32, 16)}},   # 1.5, 3
+                         x="ratio", series="grid", where={"steps": 4}),
     "memorization": Study("App. B: trained much longer, samples sit closer to training images than held-out images do",
                           {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]},
                           x="variant", series="steps", metric="nn_ratio"),
@@ -155,17 +161,18 @@ def judge(study, s, folder, clf, n):
 
 def summarize(rows, s):
     """table.md: a row per variant x sampling x steps (x the study's axis), mean and spread (min-max) over seeds."""
+    cols = [c for c in dict.fromkeys(["train_step" if s.x == "train_step" else "steps", s.x]) if c != "variant"]
     groups = {}
     for r in rows:
-        groups.setdefault((r["variant"], r["sampling"], r[s.x] if s.x != "variant" else r["steps"]), []).append(r)
+        groups.setdefault((r["variant"], r["sampling"], *(r[c] for c in cols)), []).append(r)
     keys = [k for k in ("toy_fd", "class_acc", "recon_acc", "uniformity", "nn_train", "nn_held_out", "nn_ratio")
             if any(k in r for r in rows)]
-    lines = [f"# {s.claim}\n", "| variant | sampling | " + ("steps" if s.x == "variant" else s.x) + " | seeds | " +
-             " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
-    for (variant, sampling, x), rs in sorted(groups.items(), key=lambda g: tuple(map(str, g[0]))):
+    lines = [f"# {s.claim}\n", "| variant | sampling | " + " | ".join(cols) + " | seeds | " + " | ".join(keys) + " |",
+             "|---" * (3 + len(cols) + len(keys)) + "|"]
+    for key, rs in sorted(groups.items(), key=lambda g: tuple(map(str, g[0][:2])) + g[0][2:]):
         cell = lambda k: (f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})"
                           if (v := [r[k] for r in rs if k in r]) else "")
-        lines.append(f"| {variant} | {sampling} | {x} | {len(rs)} | " + " | ".join(cell(k) for k in keys) + " |")
+        lines.append("| " + " | ".join(map(str, key)) + f" | {len(rs)} | " + " | ".join(cell(k) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,8 +207,10 @@ def run_study(name, args, clf):
         run = run_dir(args.out_dir, flags, seed, args.quick)
         train_run(run, flags, seed, args.quick)
         scores = judge(name, s, run, clf, args.n)
+        fl = dict(zip(flags, flags[1:]))
+        P, d = (int(fl.get(f"--{k}", LATENTS["toy"][k])) for k in ("patch_size", "latent_dim"))   # App. C.5
         new = [dict(study=name, variant=variant, seed=seed, sampling=k[0], steps=k[1], flags=" ".join(flags),
-                    train_alpha=float(dict(zip(flags, flags[1:])).get("--alpha", 80)),
+                    train_alpha=float(fl.get("--alpha", 80)), ratio=3 * P * P / d, grid=f"{32 // P}x{32 // P}",
                     **({"points": k[0], "train_step": k[1]} if name == "uniform" else {}), **v)
                for k, v in scores.items()]
         with open(path, "a") as f:                                          # a whole run's lines at once

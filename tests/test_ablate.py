@@ -43,3 +43,13 @@ def test_quick_studies_hold_every_variant_and_a_rerun_skips_them(tmp_path, monke
     ablate.main(["band", "--quick", "--out_dir", out])
     assert len(calls) == 1 and calls[0][-1] == "--resume" and calls[0][calls[0].index("--out_dir") + 1] == run
     assert len(rows(tmp_path / "band" / "results.jsonl")) == len(kept) + 1
+
+
+def test_table_keeps_steps_apart_when_the_plot_axis_is_another_field():
+    # alpha's x is the training angle: each of its table rows is still one variant x step count, averaged over seeds
+    got = [dict(variant=f"alpha {a}", sampling="no CFG", steps=t, train_alpha=float(a), seed=k, toy_fd=a + t + k)
+           for a in (30, 80) for t in (1, 4) for k in (0, 1)]
+    lines = ablate.summarize(got, ablate.STUDIES["alpha"]).splitlines()
+    assert lines[2] == "| variant | sampling | steps | train_alpha | seeds | toy_fd |"
+    assert lines[4:] == [f"| alpha {a} | no CFG | {t} | {float(a)} | 2 | {a + t + 0.5:.3f} ({a + t:.3f}-{a + t + 1:.3f}) |"
+                         for a in (30, 80) for t in (1, 4)]
