@@ -300,7 +300,10 @@ def folder_settings(data_dir, n=8):
     try:                                                                    # [(path, class)]: sorted, no empty class
         files = make_dataset(data_dir, {"": 0} if flat(data_dir) else None, extensions=IMG_EXTENSIONS)
     except OSError as err:                                                  # no folder, no class folders or images
-        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images, nor of images ({err})") from None
+        why = ("no such folder" if not os.path.isdir(data_dir) else "no image in it" if flat(data_dir)
+               else str(err).split(". Supported")[0].replace("Found no valid file", "no image"))   # names the classes
+        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images, nor of images ({why}; image files end in "
+                        f"{' '.join(IMG_EXTENSIONS)})") from None
     sides, why = [], ""
     for path, _ in files[::max(1, len(files) // n)][:n]:                    # n images, spread over the classes
         try:

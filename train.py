@@ -135,6 +135,9 @@ def get_args(argv=None):
             args.dataset, args.data_dir = ckpt["args"].get("dataset"), args.data_dir or ckpt["args"].get("data_dir")
         args.image_size, args.model = args.image_size or ckpt["config"]["image_size"], args.model or "init_from"
     args.dataset = args.dataset or "toy"
+    if args.dataset == "toy" and args.data_dir:                             # never trains on the toy set instead
+        die(f"--data_dir {args.data_dir} needs --dataset (folder, {', '.join(k for k in DATASETS if k != 'toy')}): "
+            f"the toy set is embedded")
     defaults = DATASETS.get(args.dataset) or (folder_defaults(args) if args.data_dir else DATASETS["flowers"])
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k, None) is None})   # flags given win
     args.num_workers = default_workers() if args.num_workers is None else args.num_workers

@@ -130,6 +130,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     (["--epochs", "nan"], "argument --epochs: must be a number > 0"),
     (["--batch_size", "6", "--grad_accum", "4"], "multiple of"),
     (["--gpus", "3"], "--gpus is for --dry_run"),
+    (["--data_dir", "/tmp"], "--data_dir /tmp needs --dataset (folder, "),      # never the toy set in its place
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     assert message in train_error(args + ["--out_dir", str(tmp_path / "out")], capsys)
@@ -151,9 +152,10 @@ def test_corrupt_checkpoint_exits_2(tmp_path, capsys):
 
 
 def test_empty_image_folder_exits_2(tmp_path, capsys):
+    flags = ["--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32"]
+    assert "not a folder of class subfolders of images, nor of images (no image in it;" in train_error(flags, capsys)
     (tmp_path / "cls_a").mkdir()
-    err = train_error(["--dataset", "folder", "--data_dir", str(tmp_path), "--image_size", "32"], capsys)
-    assert "not a folder of class subfolders of images" in err
+    assert "(no image for the classes cls_a;" in train_error(flags, capsys)
 
 
 def test_lr_schedule_as_released():
