@@ -22,7 +22,7 @@ from torchvision.utils import save_image
 
 import train
 from checkpoint import load_model
-from data import COUNT, ToyShapes, parser, print0, progress, script, toy_classifier
+from data import COUNT, ToyShapes, parser, print0, progress, script, subset, toy_classifier
 from model import LATENTS
 from sample import toy_recon_scores, toy_scores
 from spherify import generate, sigma_max, spherify
@@ -151,7 +151,7 @@ def judge(study, s, folder, clf, n):
             out[(name, steps)] = {**{k: m[k] for k in ("toy_fd", "class_acc", "colour_spread")},
                                   "recon_colour_err": recon[0], "recon_acc": recon[1], **settings}
             if study == "memorization":                                     # App. B: train vs held-out neighbours
-                seen = targs.get("max_samples") and train.subset(10_000, targs["max_samples"])
+                seen = targs.get("max_samples") and subset(10_000, targs["max_samples"])
                 k = min(n, 500)
                 d_train = nn_distance(x[:k], toy_images((seen or range(10_000))[:k]))
                 d_held = nn_distance(x[:k], toy_images(range(HELD_OUT, HELD_OUT + k)))
@@ -253,6 +253,8 @@ def main(argv=None):
         fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(4.6 * math.ceil(len(names) / 2), 8))
         for ax, name in zip(axes.flat, names):
             plot(ax, results[name], STUDIES[name], name)
+        for ax in axes.flat[len(names):]:
+            ax.axis("off")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out_dir, "claims.png"), dpi=80)
         print0(f"wrote {os.path.join(args.out_dir, 'claims.png')}")

@@ -1,11 +1,13 @@
 """Datasets: a procedural toy set (the default, no download), CIFAR-10, ImageNet, Flowers-102, any
-ImageFolder tree; each yields (image (3, H, W) in [-1, 1], int label). The h-flip (Sec. 3) is in train.py.
+ImageFolder tree; each yields (image (3, H, W) in [-1, 1], int label). The h-flip (Sec. 3) is in train.py;
+build_loader feeds training from any step on, so a resumed run sees what an uninterrupted one would.
 Bad input never ends in a traceback: die() prints one line, exit 2; unreadable files are skipped (Guarded).
     python data.py --check --dataset folder --data_dir D   # list every unreadable image of a tree
 """
 import argparse
 import contextlib
 import functools
+import itertools
 import math
 import os
 import re
@@ -14,6 +16,7 @@ import zipfile
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 
@@ -315,6 +318,34 @@ def folder_settings(data_dir, n=8):
         raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be read (first: {why})")
     return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=0 if flat(data_dir) else files[-1][1] + 1,
                 num_images=len(files))
+
+
+def subset(total, n):
+    """--max_samples: the indices of n of total images, a fixed random draw (seed 0): about class-balanced."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].tolist()
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch: a resumed run sees what an uninterrupted one would."""
+    start = 0
+
+    def __iter__(self): return itertools.islice(super().__iter__(), self.start, None)
+    def __len__(self): return super().__len__() - self.start
+
+
+def build_loader(ds, args, world, rank, device, micro, step):
+    """The micro-batches from global step `step` on, endless: a resumed run sees what an uninterrupted one would."""
+    steps_per_epoch = len(ds) // args.batch_size
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+                        pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:                                                             # workers start at the first next()
+        sampler.set_epoch(epoch)
+        sampler.start = skip * args.grad_accum * micro
+        yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
+        epoch, skip = epoch + 1, 0
 
 
 if __name__ == "__main__":                                    # read every item as training would; exit 1 if any fails

@@ -8,7 +8,6 @@ Sec. 3, 6, App. C.2, D and docs/reference.md Sec. 3-5.
 Writes to --out_dir: last.pt, ckpt_<step>.pt, samples_<step>.png (Algorithm 1), recon_<step>.png, log.jsonl.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -19,12 +18,11 @@ from copy import deepcopy
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 
 from checkpoint import Checkpointer, check_out_dir, check_writable, load_checkpoint, load_weights
-from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, build_dataset,
-                  default_workers, die, folder_settings, parser, print0, progress, script)
+from data import (ANGLE, COUNT, DECAY, POSITIVE, PROB, STEPS, WEIGHT, Guarded, build_dataset, build_loader,
+                  default_workers, die, folder_settings, parser, print0, progress, script, subset)
 from losses import LossWeights, distance, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
 from parallel import PREEMPTED, StopSignal, agree, ddp_check, fit_to_gpu, init_distributed, wrap
@@ -156,14 +154,6 @@ def get_args(argv=None):
     return args, ckpt
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start mid-epoch: a resumed run sees what an uninterrupted one would."""
-    start = 0
-
-    def __iter__(self): return itertools.islice(super().__iter__(), self.start, None)
-    def __len__(self): return super().__len__() - self.start
-
-
 def lr_range(args):
     """(peak, min) lr, both x global batch / 256 (Sec. 5 [released]); --lr sets the peak as given."""
     scale = args.batch_size / 256
@@ -176,11 +166,6 @@ def get_lr(step, peak, warmup, total, min_lr):
         return peak * (step + 1) / (warmup + 1)
     t = (step - warmup) / max(1, total - 2 * warmup)
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def subset(total, n):
-    """--max_samples: the indices of n of total images, a fixed random draw (seed 0): about class-balanced."""
-    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].tolist()
 
 
 def setup_data(args, ckpt, world, device):
@@ -207,21 +192,6 @@ def setup_data(args, ckpt, world, device):
     max_steps = args.max_steps if args.max_steps is not None else int(args.epochs * steps_per_epoch)
     micro, warmup = args.batch_size // (world * args.grad_accum), int(args.warmup_epochs * steps_per_epoch)
     return Guarded(ds), cfg, micro, max_steps, warmup
-
-
-def build_loader(ds, args, world, rank, device, micro, step):
-    """The micro-batches from global step `step` on, endless: a resumed run sees what an uninterrupted one would."""
-    steps_per_epoch = len(ds) // args.batch_size
-    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-                        pin_memory=device.startswith("cuda"), persistent_workers=args.num_workers > 0,
-                        generator=torch.Generator().manual_seed(args.seed))
-    epoch, skip = divmod(step, steps_per_epoch)
-    while True:                                                             # workers start at the first next()
-        sampler.set_epoch(epoch)
-        sampler.start = skip * args.grad_accum * micro
-        yield from itertools.islice(loader, (steps_per_epoch - skip) * args.grad_accum)
-        epoch, skip = epoch + 1, 0
 
 
 def build_model(cfg, args, world, rank, device, ckpt):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import data
 import train
 from conftest import ROOT
 from data import DataError, ToyShapes
@@ -63,7 +64,7 @@ def test_ranks_see_the_global_batch_of_one_process():
     after a mid-epoch resume (ResumableSampler.start)."""
     ds = ToyShapes(size=100)
     def batches(world, rank, start=0):
-        s = train.ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3, drop_last=True)
+        s = data.ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=3, drop_last=True)
         s.set_epoch(2)
         s.start = start
         idx = list(s)
