@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import matplotlib.pyplot as plt
 import torch
@@ -41,13 +42,25 @@ def angle(a):
     return ["--alpha", str(a), "--band", str(min(a + 5, 89))]
 
 
+def matched(d, base=128):
+    """The angle at which a 4 x 4 x d latent keeps the base's noise per image, the base's 128 channels at 80 deg:
+    tan(alpha) ~ sqrt(L), as the decoder averages the noise over the L numbers that carry one image (docs/claims.md)."""
+    return round(math.degrees(math.atan(math.tan(math.radians(80)) * math.sqrt(d / base))))
+
+
+def lines(r):
+    """compression's plot lines: the grid, alpha at 80 deg or at matched(d); the base run is on both."""
+    rule = lambda m: f"{r['grid']} grid, " + ("tan(alpha) ~ sqrt(L)" if m else "alpha 80")
+    return [rule("deg" in r["variant"])] + [rule(True)] * (r["variant"] == "4x4x128")
+
+
 @dataclass
 class Study:
     claim: str                                          # the paper's words, and where
     variants: dict                                      # name -> train.py flags on top of the recipe
     sampling: dict = field(default_factory=lambda: {"no CFG": {}})   # name -> generate() settings
     x: str = "steps"                                    # the plot's x axis and its series
-    series: str | tuple = "variant"                      # a row field, or fields joined in the legend
+    series: str | tuple | Callable = "variant"           # a row field, fields joined, or row -> its lines' labels
     metric: str = "toy_fd"
     where: dict = field(default_factory=dict)           # the rows the plot shows, e.g. {"steps": 4}
 
@@ -78,10 +91,12 @@ STUDIES = {
                      {"base": ["--keep_every", "117", "--ckpt_every", "117"]},   # base's training, 8 checkpoints
                      x="train_step", series="points", metric="uniformity"),
     "compression": Study("App. C.5, Fig. 20, Tab. 5: the volume ratio 3HW/L is best near 1.5 and 3.0; at one L a finer "
-                         "latent grid (more tokens, fewer channels) generates better", {**{f"4x4x{d}": BASE if d == 128
-                         else ["--latent_dim", str(d)] for d in (256, 128, 64, 32, 16)},      # ratio 0.75 .. 12
-                         **{f"8x8x{d}": ["--patch_size", "4", "--latent_dim", str(d)] for d in (32, 16)}},   # 1.5, 3
-                         x="ratio", series="grid", where={"steps": 4}),
+                         "latent grid (more tokens, fewer channels) generates better",
+                         {**{f"4x4x{d}": BASE if d == 128 else ["--latent_dim", str(d)]       # ratio 0.75 .. 12
+                             for d in (256, 128, 64, 32, 16)},                         # and at one L, 4x the tokens:
+                          **{f"8x8x{d}": ["--patch_size", "4", "--latent_dim", str(d)] for d in (32, 16)},
+                          **{f"4x4x{d} at {matched(d)} deg": ["--latent_dim", str(d), *angle(matched(d))]
+                             for d in (256, 64, 32, 16)}}, x="ratio", series=lines, where={"steps": 4}),
     "memorization": Study("App. B: trained much longer, samples sit closer to training images than held-out images do",
                           {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]},
                           x="variant", series="steps", metric="nn_ratio"),
@@ -180,8 +195,10 @@ def plot(ax, rows, s, name):
     """The study's metric against its x axis, a line per series: the mean over seeds, the bars min to max."""
     series = {}
     for r in (r for r in rows if all(r.get(k) == v for k, v in s.where.items())):
-        key = " / ".join(str(r[k]) for k in s.series) if isinstance(s.series, tuple) else str(r[s.series])
-        series.setdefault(key, {}).setdefault(r[s.x], []).append(r[s.metric])
+        keys = s.series(r) if callable(s.series) else [" / ".join(str(r[k]) for k in s.series)
+                                                       if isinstance(s.series, tuple) else str(r[s.series])]
+        for key in keys:
+            series.setdefault(key, {}).setdefault(r[s.x], []).append(r[s.metric])
     for label, pts in series.items():
         xs = sorted(pts, key=lambda v: (isinstance(v, str), v))
         mean = [statistics.mean(pts[x]) for x in xs]

@@ -1,6 +1,7 @@
 """ablate.py --quick end to end: a sampling study (schemes) and a training study (band) write a line for every
 variant x seed x sampling x steps, a table and a plot; a rerun trains and judges nothing; a killed run resumes."""
 import json
+import math
 import os
 
 import ablate
@@ -53,3 +54,14 @@ def test_table_keeps_steps_apart_when_the_plot_axis_is_another_field():
     assert lines[2] == "| variant | sampling | steps | train_alpha | seeds | toy_fd |"
     assert lines[4:] == [f"| alpha {a} | no CFG | {t} | {float(a)} | 2 | {a + t + 0.5:.3f} ({a + t:.3f}-{a + t + 1:.3f}) |"
                          for a in (30, 80) for t in (1, 4)]
+
+
+def test_compression_angles_keep_the_noise_per_latent_number_and_the_base_sits_on_both_lines():
+    base = math.tan(math.radians(80)) ** 2 / (16 * 128)                    # tan(alpha)^2 / L of the 4x4x128 base
+    assert ablate.matched(128) == 80
+    for d in (16, 32, 64, 256):                                            # degrees are rounded: within 6 %
+        assert abs(math.tan(math.radians(ablate.matched(d))) ** 2 / (16 * d) / base - 1) < 0.06
+    row = lambda v, g="4x4": dict(variant=v, grid=g)
+    assert ablate.lines(row("4x4x128")) == ["4x4 grid, alpha 80", "4x4 grid, tan(alpha) ~ sqrt(L)"]
+    assert ablate.lines(row("4x4x32 at 71 deg")) == ["4x4 grid, tan(alpha) ~ sqrt(L)"]
+    assert ablate.lines(row("8x8x16", "8x8")) == ["8x8 grid, alpha 80"]
