@@ -1,6 +1,6 @@
-"""The paper's claims rerun at laptop scale (arXiv 2602.15030: Tab. 1, 4, 6, 9, 10, Fig. 5, 10-11, App. B, C.1-C.3):
-a study trains its variants on the toy data with train.py (the same short recipe for all, >= 2 seeds), judges
-each checkpoint as sample.py --toy_metrics does (toy-FD, class accuracy; plus viz.py's uniformity U and
+"""The paper's claims rerun at laptop scale (arXiv 2602.15030: Tab. 1, 4-6, 9, 10, Fig. 5, 10-11, 20, App. B,
+C.1-C.3, C.5): a study trains its variants on the toy data with train.py (the same short recipe for all, >= 2
+seeds), judges each checkpoint as sample.py --toy_metrics does (toy-FD, class accuracy; plus viz.py's uniformity U and
 nearest-neighbour distances where a claim needs them) at 1, 2, 4 and 6 steps, and writes
 <out_dir>/<study>/results.jsonl (a line per variant x seed x sampling x steps), table.md (mean and spread over
 seeds), <study>.png and a 4-step sample grid per variant. Runs live in <out_dir>/runs/, shared by the studies
@@ -63,6 +63,7 @@ class Study:
     series: str | tuple | Callable = "variant"           # a row field, fields joined, or row -> its lines' labels
     metric: str = "toy_fd"
     where: dict = field(default_factory=dict)           # the rows the plot shows, e.g. {"steps": 4}
+    log: bool = False                                   # log-log axes
 
 
 STUDIES = {
@@ -96,7 +97,7 @@ STUDIES = {
                              for d in (256, 128, 64, 32, 16)},                         # and at one L, 4x the tokens:
                           **{f"8x8x{d}": ["--patch_size", "4", "--latent_dim", str(d)] for d in (32, 16)},
                           **{f"4x4x{d} at {matched(d)} deg": ["--latent_dim", str(d), *angle(matched(d))]
-                             for d in (256, 64, 32, 16)}}, x="ratio", series=lines, where={"steps": 4}),
+                             for d in (256, 64, 32, 16)}}, x="ratio", series=lines, where={"steps": 4}, log=True),
     "memorization": Study("App. B: trained much longer, samples sit closer to training images than held-out images do",
                           {"10000 images": BASE, "500 images": ["--max_samples", "500", "--max_steps", "936"]},
                           x="variant", series="steps", metric="nn_ratio"),
@@ -205,6 +206,11 @@ def plot(ax, rows, s, name):
         err = [[m - min(pts[x]) for m, x in zip(mean, xs)], [max(pts[x]) - m for m, x in zip(mean, xs)]]
         ax.errorbar([str(x) for x in xs] if s.x == "variant" else xs, mean, yerr=err, marker="o", capsize=3,
                     label=f"{s.series} {label}" if s.series == "steps" else label)
+    if s.log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({x for pts in series.values() for x in pts}), minor=False)
+        ax.xaxis.set_major_formatter("{x:g}")
     note = {"toy_fd": " (lower is better)", "nn_ratio": " (< 1: nearer to training)", "uniformity": " (uniform: -4)"}
     ax.set(xlabel=s.x, ylabel=s.metric + note.get(s.metric, ""),
            title=" ".join([name, *(f"({k} {v})" for k, v in s.where.items())]))
