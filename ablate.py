@@ -1,7 +1,7 @@
-"""The paper's claims rerun at laptop scale (arXiv 2602.15030: Tab. 1, 4-6, 9, 10, Fig. 5, 10-11, 20, App. B,
-C.1-C.3, C.5): a study trains its variants on the toy data with train.py (the same short recipe for all, >= 2
-seeds), judges each checkpoint as sample.py --toy_metrics does (toy-FD, class accuracy; plus viz.py's uniformity U and
-nearest-neighbour distances where a claim needs them) at 1, 2, 4 and 6 steps, and writes
+"""The paper's claims rerun at laptop scale (arXiv 2602.15030: Tab. 1, 4-6, 9, 10, 14, Fig. 5, 10-11, 20,
+App. B, C.1-C.3, C.5, C.6): a study trains its variants on the toy data with train.py (the same short recipe for
+all, >= 2 seeds), judges each checkpoint as sample.py --toy_metrics does (toy-FD, class accuracy; plus viz.py's
+uniformity U and nearest-neighbour distances where a claim needs them) at 1, 2, 4 and 6 steps, and writes
 <out_dir>/<study>/results.jsonl (a line per variant x seed x sampling x steps), table.md (mean and spread over
 seeds), <study>.png and a 4-step sample grid per variant. Runs live in <out_dir>/runs/, shared by the studies
 that train the same thing; what results.jsonl holds is skipped, a killed run resumes (docs/claims.md).
@@ -88,6 +88,10 @@ STUDIES = {
                  {"base": BASE, "16 epochs": ["--epochs", "16"]},          # a young model and the quick start's
                  {f"{p} {s}": {"cfg": s, "cfg_position": p} for p in ("pixel", "latent", "combo")
                   for s in (1.0, 1.5, 2.0, 3.0, 4.0)}, x="cfg", series=("variant", "cfg_position"), where={"steps": 4}),
+    "prior": Study("App. C.6, Tab. 14: generation is insensitive to the noise prior: e from a Gaussian truncated to "
+                   "[-t, t] scores as from N(0, I)", {"base": BASE},
+                   {"N(0, I)": {}, **{f"truncated at {t}": {"truncate": t} for t in (0.5, 1.0, 2.0)}},
+                   series="sampling"),
     "uniform": Study("Sec. 6, App. C.3: with no regulariser, encoded latents become nearly as uniform as the prior",
                      {"base": ["--keep_every", "117", "--ckpt_every", "117"]},   # base's training, 8 checkpoints
                      x="train_step", series="points", metric="uniformity"),
@@ -125,10 +129,11 @@ def samples(model, targs, n, steps, settings, seed=0):
     """n class-balanced samples (labels i % 10) after each of `steps` (Algorithm 1): {steps: (n, C, H, W)}."""
     cfg, out = model.cfg, {}
     sig = sigma_max(settings.get("alpha", targs["alpha"]))
-    kw = {k: v for k, v in settings.items() if k != "alpha"}
+    kw, t = {k: v for k, v in settings.items() if k not in ("alpha", "truncate")}, settings.get("truncate")
     for T in ([max(steps)] if kw.get("gamma", 0) == 0 else steps):        # gamma 0: step t of T is a t-step run
-        g = torch.Generator().manual_seed(seed)
-        e = torch.randn(n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g)
+        g, shape = torch.Generator().manual_seed(seed), (n, cfg.grid, cfg.grid, cfg.latent_dim)
+        e = torch.nn.init.trunc_normal_(torch.empty(shape), 0, 1, -t, t, generator=g) if t else torch.randn(
+            shape, generator=g)                                             # App. C.6: N(0, I) cut to [-t, t]
         y = torch.arange(n) % cfg.num_classes
         xs = [torch.cat(b) for b in zip(*(generate(model, eb, yb, T, sig, generator=g, **kw)
                                             for eb, yb in zip(e.split(250), y.split(250))))]

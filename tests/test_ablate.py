@@ -3,9 +3,13 @@ variant x seed x sampling x steps, a table and a plot; a rerun trains and judges
 import json
 import math
 import os
+import types
+
+import torch
 
 import ablate
 import train
+from model import make_config
 
 
 def rows(path):
@@ -65,3 +69,16 @@ def test_compression_angles_keep_the_noise_per_latent_number_and_the_base_sits_o
     assert ablate.lines(row("4x4x128")) == ["4x4 grid, alpha 80", "4x4 grid, tan(alpha) ~ sqrt(L)"]
     assert ablate.lines(row("4x4x32 at 71 deg")) == ["4x4 grid, tan(alpha) ~ sqrt(L)"]
     assert ablate.lines(row("8x8x16", "8x8")) == ["8x8 grid, alpha 80"]
+
+
+def test_prior_study_draws_e_from_the_truncated_gaussian(monkeypatch):
+    seen = []
+    fake = lambda model, e, y, T, sigma, generator=None, **kw: seen.append(e) or [torch.zeros(len(e), 3, 32, 32)] * T
+    monkeypatch.setattr(ablate, "generate", fake)
+    model = types.SimpleNamespace(cfg=make_config("tiny", "toy"))
+    for settings in ({"truncate": 0.5}, {}):
+        assert set(ablate.samples(model, {"alpha": 80}, 20, [1, 2], settings)) == {1, 2}
+    cut, full = seen                                                        # (20, 4, 4, 128) each
+    assert cut.shape == full.shape == (20, 4, 4, 128)
+    assert cut.abs().max() <= 0.5 and cut.std() > 0.25                      # uniform-like on [-0.5, 0.5]: std 0.27
+    assert full.abs().max() > 3 and abs(full.std() - 1) < 0.05
