@@ -141,10 +141,6 @@ def samples(model, targs, n, steps, settings, seed=0):
     return out
 
 
-def toy_images(indices):
-    return torch.stack([ToyShapes()[i][0] for i in indices])
-
-
 def nn_distance(a, b):
     """Mean over a of the L2 distance to its nearest neighbour in b (pixels, [-1, 1]): (n, ...), (m, ...) -> float."""
     return torch.cdist(a.flatten(1), b.flatten(1)).min(1).values.mean().item()
@@ -154,7 +150,7 @@ def judge(study, s, folder, clf, n):
     """The scores of one trained run: {(sampling, steps): scores} (uniform: {(points, train step): U})."""
     model, targs = load_model(os.path.join(folder, "last.pt"))
     if study == "uniform":                                                  # U of f(E(x)) at each kept checkpoint
-        x, y = toy_images(range(n)), torch.arange(n) % 10
+        x, y = ToyShapes().images(range(n)), torch.arange(n) % 10
         prior = spherify(torch.randn(n, model.cfg.latent_dim * model.cfg.grid ** 2, generator=torch.Generator()
                                      .manual_seed(0)))
         out = {("prior", 0): {"uniformity": uniformity(prior)["uniformity"]}}
@@ -172,10 +168,10 @@ def judge(study, s, folder, clf, n):
             out[(name, steps)] = {**{k: m[k] for k in ("toy_fd", "class_acc", "colour_spread")},
                                   "recon_colour_err": recon[0], "recon_acc": recon[1], **settings}
             if study == "memorization":                                     # App. B: train vs held-out neighbours
-                seen = targs.get("max_samples") and subset(10_000, targs["max_samples"])
-                k = min(n, 500)
-                d_train = nn_distance(x[:k], toy_images((seen or range(10_000))[:k]))
-                d_held = nn_distance(x[:k], toy_images(range(HELD_OUT, HELD_OUT + k)))
+                toy, k = ToyShapes(), min(n, 500)                          # the training set, all of it or a draw
+                seen = subset(len(toy), targs["max_samples"]) if targs.get("max_samples") else range(len(toy))
+                d_train = nn_distance(x[:k], toy.images(seen[:k]))
+                d_held = nn_distance(x[:k], toy.images(range(HELD_OUT, HELD_OUT + k)))
                 out[(name, steps)].update(nn_train=d_train, nn_held_out=d_held, nn_ratio=d_train / d_held)
     return out
 

@@ -57,7 +57,8 @@ def load_weights(model, sd, path):
         shapes = [tuple(t[k].shape) if k in t else "none" for t in (sd, own)]
         if shapes[0] != shapes[1]:
             raise DataError(f"{path!r} does not fit this run's model: {k} is {shapes[0]} there, {shapes[1]} here "
-                            f"(drop --model, --image_size, or use data with the checkpoint's classes)")
+                            f"(drop --model, --image_size, --patch_size, --latent_dim, or use data with the "
+                            f"checkpoint's classes)")
     model.load_state_dict(sd)
 
 

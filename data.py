@@ -151,6 +151,7 @@ class ToyShapes(torch.utils.data.Dataset):
     def __init__(self, size=10_000, image_size=32, seed=0):
         self.size, self.image_size, self.seed = size, image_size, seed
     def __len__(self): return self.size
+    def images(self, indices): return torch.stack([self[i][0] for i in indices])   # (n, 3, H, W); any i >= 0
 
     def __getitem__(self, i):
         """(image (3, n, n) in [-1, 1], label i % 10): two colours mixed by an anti-aliased signed-distance mask."""
@@ -300,13 +301,14 @@ def folder_settings(data_dir, n=8):
     side of n images spread over it, num_classes, num_images}. DataError (one line) when none of those n can be read."""
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    is_flat = flat(data_dir)
     try:                                                                    # [(path, class)]: sorted, no empty class
-        files = make_dataset(data_dir, {"": 0} if flat(data_dir) else None, extensions=IMG_EXTENSIONS)
+        files = make_dataset(data_dir, {"": 0} if is_flat else None, extensions=IMG_EXTENSIONS)
     except OSError as err:                                                  # no folder, no class folders or images
-        why = ("no such folder" if not os.path.isdir(data_dir) else "no image in it" if flat(data_dir)
+        why = ("no such folder" if not os.path.isdir(data_dir) else "no image in it" if is_flat
                else str(err).split(". Supported")[0].replace("Found no valid file", "no image"))   # names the classes
-        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images, nor of images ({why}; image files end in "
-                        f"{' '.join(IMG_EXTENSIONS)})") from None
+        raise DataError(f"{data_dir!r} is not a folder of class subfolders of images, nor of images ({why}; image "
+                        f"files end in {' '.join(IMG_EXTENSIONS)})") from None
     sides, why = [], ""
     for path, _ in files[::max(1, len(files) // n)][:n]:                    # n images, spread over the classes
         try:
@@ -316,7 +318,7 @@ def folder_settings(data_dir, n=8):
             why = why or f"{path}: {type(err).__name__}"
     if not sides:
         raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be read (first: {why})")
-    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=0 if flat(data_dir) else files[-1][1] + 1,
+    return dict(image_size=sorted(sides)[len(sides) // 2], num_classes=0 if is_flat else files[-1][1] + 1,
                 num_images=len(files))
 
 

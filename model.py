@@ -200,8 +200,9 @@ class ViT(nn.Module):
         self.grad_ckpt = False                                              # recompute blocks in backward
 
     def forward(self, x, y):
-        c = None if self.y_embed is None else self.y_embed(y) if not y.is_floating_point() else \
-            y @ self.y_embed.weight                                   # (B, D); y: labels (B,) or a class mix (B, K+1)
+        c = None                                                            # (B, D): the class embedding
+        if self.y_embed is not None:                                        # y: labels (B,) or a class mix (B, K+1)
+            c = y @ self.y_embed.weight if y.is_floating_point() else self.y_embed(y)
         x = x + self.pos                                                    # fp32 pos: the residual stream is fp32
         for blk in self.blocks:
             x = checkpoint(blk, x, c, self.rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, self.rope)

@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 from checkpoint import check_writable, load_model, read_checkpoint, save_checkpoint
 from data import (ANGLE, COUNT, WEIGHT, DataError, ToyShapes, build_dataset, default_workers, die, int_list, number,
-                  parser, print0, progress, resize_crop, script, toy_classifier)
+                  parser, print0, progress, resize_crop, script, subset, toy_classifier)
 from parallel import init_distributed
 from spherify import generate, reconstruct, sigma_max
 
@@ -58,9 +58,8 @@ def reference(ref, train_args, size, count=50_000):
     drawn at random with seed 0 (the paper's 50K; all of them if the set is smaller)."""
     if ref is None:
         ds, _ = build_dataset(train_args["dataset"], train_args.get("data_dir"), size)
-        if len(ds) > count:
-            ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-                                         [:count].sort().values.tolist())
+        if len(ds) > count:                                                 # the draw of train.py --max_samples
+            ds = torch.utils.data.Subset(ds, sorted(subset(len(ds), count)))
         return Images(ds), None, cache_name(train_args["dataset"], train_args.get("data_dir"), size, len(ds))
     if os.path.isdir(ref):
         from torch_fidelity.datasets import ImagesPathDataset                  # reads a list of files as RGB
@@ -248,7 +247,7 @@ def class_accuracy(classifier, images, labels):
 def toy_scores(samples, labels, classifier):
     """Toy scores of samples (N, C, H, W): Frechet distance in toy-classifier features, class accuracy (overall
     and per class), colour spread (per-channel std against the data's)."""
-    ref = torch.stack([ToyShapes()[i][0] for i in range(len(samples))])                  # the first N toy images
+    ref = ToyShapes().images(range(len(samples)))                                      # the first N toy images
     feats = lambda x: torch.cat([classifier.body(b) for b in x.split(256)]).double().numpy()
     acc, per_class = class_accuracy(classifier, samples, labels)
     std = lambda x: x.transpose(0, 1).flatten(1).std(1)                     # (C,)
@@ -260,7 +259,7 @@ def toy_scores(samples, labels, classifier):
 def toy_recon_scores(model, classifier, n=500, batch=250):
     """Reconstructions D(f(E(x))) of toy images: (mean |mean colour of x - of D(f(E(x)))| over images and
     channels in 0-255 units, the toy classifier's class accuracy on them, the same per class)."""
-    x = torch.stack([ToyShapes()[i][0] for i in range(n)]).to(next(model.parameters()).device)   # toy images 0..n-1
+    x = ToyShapes().images(range(n)).to(next(model.parameters()).device)   # toy images 0..n-1
     rec = torch.cat([reconstruct(model, b) for b in x.split(batch)])        # Eq. 2
     acc, per_class = class_accuracy(classifier, rec.cpu().clamp(-1, 1), torch.arange(n) % 10)   # labels: i % 10
     return ((rec.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5).item(), acc, per_class

@@ -175,7 +175,7 @@ def setup_data(args, ckpt, world, device):
     classes = {"num_classes": num_classes} if ds else {}
     shape = {k: getattr(args, k) for k in ("patch_size", "latent_dim") if getattr(args, k, None)}   # Tab. 5
     if ckpt and not args.resume and args.model == "init_from":             # its model at this run's size, classes
-        cfg = Config(**{**ckpt["config"], "image_size": args.image_size, **classes})
+        cfg = Config(**{**ckpt["config"], "image_size": args.image_size, **shape, **classes})   # a misfit: one line
     else:
         cfg = Config(**ckpt["config"]) if ckpt else make_config(args.model, args.dataset, image_size=args.image_size,
                                                                 **shape, **classes)

@@ -236,6 +236,10 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1, err
     assert "encoder.mixer.blocks.0.token_mix.0.weight is (16, 16) there, (64, 64) here" in err
+    with pytest.raises(SystemExit):                                        # a latent flag is used, not dropped
+        train.main(no_model + ["--init_from", os.path.join(src, "last.pt"), "--out_dir", str(tmp_path / "d"),
+                               "--latent_dim", "8"])
+    assert "does not fit this run's model" in (err := capsys.readouterr().err) and "(8, 64) here" in err
 
 
 def test_log_carries_the_loss_parts_psnr_and_latent_norms(tmp_path, monkeypatch, capsys):
