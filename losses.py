@@ -4,7 +4,8 @@
   Eq. 8   pixel consistency     L(D(v_NOISY), sg(D(v_noisy)))   the same, target under stop-grad
   Eq. 9   latent consistency    1 - cos(v, E(D(v_NOISY)))       target v detached
   Eq. 10  total = weighted sum of the three (weights per dataset, docs/reference.md Sec. 4)
-Images in [-1, 1]. Optional, as released (`--convnext 0.1`): perceptual = (LPIPS + 0.1 ConvNeXt-Small logit MSE) / 1.1.
+Images in [-1, 1]. Optional, as released (`--convnext 0.1`):
+perceptual = (LPIPS + 0.1 ConvNeXt-Small logit MSE) / 1.1.
 """
 import warnings
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ class LossWeights:
 
 
 def distance(pred, target):
-    """Smooth L1 (beta 1) on images mapped to [0, 1], in fp32 under autocast too, mean per sample: (B,)."""
-    return F.smooth_l1_loss((pred.float() + 1) / 2, (target.float() + 1) / 2, reduction="none").flatten(1).mean(1)
+    """Smooth L1 (beta 1) on images mapped to [0, 1], mean per sample: (B,). In fp32, under
+    autocast too."""
+    return F.smooth_l1_loss((pred.float() + 1) / 2, (target.float() + 1) / 2,
+                            reduction="none").flatten(1).mean(1)
 
 
 def pixel_loss(pred, target, w_dist, w_perc, perceptual=None):
@@ -38,34 +41,44 @@ def pixel_loss(pred, target, w_dist, w_perc, perceptual=None):
 
 def cosine_loss(target, pred):
     """1 - cos(target, pred) per sample over all L elements, batch mean (Eq. 9)."""
-    return (1 - F.cosine_similarity(target.flatten(1).float(), pred.flatten(1).float(), dim=1)).mean()
+    cos = F.cosine_similarity(target.flatten(1).float(), pred.flatten(1).float(), dim=1)
+    return (1 - cos).mean()
 
 
 def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None):
-    """Eq. 7-10 from SphereEncoder.forward's outputs: scalars recon, pix_con, lat_con and their sum total.
-    Tab. 4's ablation as released: x_noisy None (no pixel consistency) -> Eq. 7 on D(v_NOISY); z_re None -> no Eq. 9."""
+    """Eq. 7-10 from SphereEncoder.forward's outputs: scalars recon, pix_con, lat_con and their sum
+    total. Tab. 4's ablation as released: x_noisy None (no pixel consistency) -> Eq. 7 on
+    D(v_NOISY); z_re None -> no Eq. 9."""
     zero = x.new_zeros((), dtype=torch.float32)
-    recon = pixel_loss(x_NOISY if x_noisy is None else x_noisy, x, w.recon_dist, w.recon_perc, perceptual)   # Eq. 7
-    pix_con = zero if x_noisy is None else pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist, w.con_perc,
-                                                      perceptual)                         # Eq. 8: sg(D(v_noisy))
-    lat_con = zero if z_re is None else w.lat_con * cosine_loss(z.detach(), z_re)         # Eq. 9: cos is scale-free
-    return {"total": recon + pix_con + lat_con, "recon": recon, "pix_con": pix_con, "lat_con": lat_con}  # Eq. 10
+    recon = pixel_loss(x_NOISY if x_noisy is None else x_noisy, x, w.recon_dist, w.recon_perc,
+                       perceptual)                                                   # Eq. 7
+    # Eq. 8: the target D(v_noisy) is under stop-grad.
+    pix_con = zero if x_noisy is None else pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist,
+                                                      w.con_perc, perceptual)
+    # Eq. 9: the cosine is scale-free, so z stands in for v = f(z).
+    lat_con = zero if z_re is None else w.lat_con * cosine_loss(z.detach(), z_re)
+    total = recon + pix_con + lat_con                                                # Eq. 10
+    return {"total": total, "recon": recon, "pix_con": pix_con, "lat_con": lat_con}
 
 
 class Perceptual(torch.nn.Module):
-    """Perceptual distance (B,): LPIPS-VGG, or (LPIPS + w MSE of ConvNeXt logits) / (1 + w) (docs/reference.md Sec. 4)."""
+    """Perceptual distance (B,): LPIPS-VGG, or (LPIPS + w MSE of ConvNeXt logits) / (1 + w)
+    (docs/reference.md Sec. 4)."""
     def __init__(self, lpips, convnext=None, w_convnext=0.0):
         super().__init__()
         self.lpips, self.convnext, self.w = lpips, convnext, w_convnext
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        # ImageNet's normalization, for the ConvNeXt.
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
     def logits(self, x):                                                   # [-1, 1] -> (B, 1000)
         x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", antialias=True)
         return self.convnext((x - self.mean) / self.std)
 
     def forward(self, pred, target):
-        loss = self.lpips(pred, target).float().flatten(1).mean(1)         # (B,), LPIPS takes [-1, 1]
+        # LPIPS takes images in [-1, 1]: (B,).
+        loss = self.lpips(pred, target).float().flatten(1).mean(1)
         if self.convnext is None:
             return loss
         cnx = F.mse_loss(self.logits(pred), self.logits(target), reduction="none").mean(1)
@@ -73,21 +86,31 @@ class Perceptual(torch.nn.Module):
 
 
 def load_perceptual(w_convnext=0.0, pretrained=True):
-    """The frozen perceptual loss (pretrained=False: random backbones, for tests and benchmarks only)."""
+    """The frozen perceptual loss; pretrained=False gives random backbones, for tests and
+    benchmarks only."""
     import lpips
     import torchvision
-    what, file, flag = "torchvision's VGG-16 weights (LPIPS)", "vgg16-397923af.pth", "--perceptual_weight 0"
+    # What is loaded, its file and the flag that trains without it: for the error message.
+    what, file, flag = ("torchvision's VGG-16 weights (LPIPS)", "vgg16-397923af.pth",
+                        "--perceptual_weight 0")
     try:
-        with warnings.catch_warnings():                                   # lpips uses torchvision's old API
+        # lpips uses torchvision's old API, which warns.
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
         convnext = None
         if w_convnext > 0:
-            what, file, flag = "torchvision's ConvNeXt-Small weights", "convnext_small-0c510722.pth", "--convnext 0"
-            weights = torchvision.models.ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained else None
+            what, file, flag = ("torchvision's ConvNeXt-Small weights",
+                                "convnext_small-0c510722.pth", "--convnext 0")
+            weights = (torchvision.models.ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained
+                       else None)
             convnext = torchvision.models.convnext_small(weights=weights)
-    except Exception as err:      # urllib/URLError, RuntimeError (bad file), ...: all the same to a user
-        raise RuntimeError(f"the perceptual loss needs {what} and could not load them ({str(err).splitlines()[0]}). "
-                           f"Put https://download.pytorch.org/models/{file} at {torch.hub.get_dir()}/checkpoints/"
+    except Exception as err:
+        # A failed download (urllib's URLError), a bad file (RuntimeError), ...: all the same to a
+        # user, who gets one message.
+        raise RuntimeError(f"the perceptual loss needs {what} and could not load them "
+                           f"({str(err).splitlines()[0]}). "
+                           f"Put https://download.pytorch.org/models/{file} at "
+                           f"{torch.hub.get_dir()}/checkpoints/"
                            f"{file}, or train without it: {flag}") from None
     return Perceptual(net, convnext, w_convnext).eval().requires_grad_(False)

@@ -11,8 +11,8 @@ import os
 import matplotlib.pyplot as plt
 import torch
 
-from checkpoint import load_model_and_data
-from data import COUNT, die, number, parser, script
+from checkpoint import ckpt_dir, load_model_and_data
+from cli import COUNT, die, number, parser, script
 from spherify import angle_deg, generate, noise_levels, noisy_latents, sigma_max, spherify
 plt.switch_backend("Agg")                  # headless
 
@@ -23,17 +23,21 @@ def project(v, P):
 
 
 def uniformity(v, t=2.0):
-    """Ours (docs/reference.md Sec. 8): U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v|| (Wang & Isola),
-    cos_std = std of pairwise cosines x sqrt(L), eff_dim = (sum lambda)^2 / sum lambda^2 of the covariance, and the
-    pairwise cosines. Uniform on the sphere: U ~ -4, cos_std ~ 1; collapsed: U ~ 0."""
+    """Ours (docs/reference.md Sec. 8): U = log mean_{i<j} exp(-t ||u_i - u_j||^2), u = v / ||v||
+    (Wang & Isola), cos_std = std of pairwise cosines x sqrt(L), eff_dim = (sum lambda)^2 /
+    sum lambda^2 of the covariance, and the pairwise cosines. Uniform on the sphere: U ~ -4,
+    cos_std ~ 1; collapsed: U ~ 0."""
     u = torch.nn.functional.normalize(v.flatten(1).double(), dim=1)       # (n, L)
     i, j = torch.triu_indices(len(u), len(u), offset=1)
     c = (u @ u.T)[i, j]                                                     # pairwise cosines
-    U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))       # ||u_i - u_j||^2 = 2 - 2 cos
-    uc = u - u.mean(0)                                                      # centred; its (n, n) Gram has the
-    eff_dim = (uc.pow(2).sum() ** 2 / (uc @ uc.T).pow(2).sum()).item()     # covariance's eigenvalues, any L
-    return {"uniformity": U.item(), "cos_mean": c.mean().item(), "cos_std": (c.std() * math.sqrt(u.shape[1])).item(),
-            "eff_dim": eff_dim, "cos": c}
+    # For unit vectors, ||u_i - u_j||^2 = 2 - 2 cos.
+    U = torch.logsumexp(-t * (2 - 2 * c), dim=0) - math.log(len(c))
+    # The centred latents' (n, n) Gram matrix has the covariance's nonzero eigenvalues, so eff_dim
+    # comes from it for any L.
+    uc = u - u.mean(0)
+    eff_dim = (uc.pow(2).sum() ** 2 / (uc @ uc.T).pow(2).sum()).item()
+    return {"uniformity": U.item(), "cos_mean": c.mean().item(),
+            "cos_std": (c.std() * math.sqrt(u.shape[1])).item(), "eff_dim": eff_dim, "cos": c}
 
 
 def save(fig, out):
@@ -56,7 +60,8 @@ def plot_spheres(v, y, prior, out, views=3, seed=0):
     fig = plt.figure(figsize=(4 * views, 8))
     for k in range(views):
         P = torch.randn(v.shape[1], 3, generator=g)
-        for row, (pts, col, name) in enumerate(((v, y, "encoded images"), (prior, None, "prior f(e)"))):
+        for row, (pts, col, name) in enumerate(((v, y, "encoded images"),
+                                                (prior, None, "prior f(e)"))):
             ax = sphere_axes(fig, (2, views, row * views + k + 1), f"{name}, projection {k + 1}")
             color = "gray" if col is None else plt.cm.tab10(col.numpy() % 10)
             ax.scatter(*project(pts, P).T, color=color, s=3, alpha=0.6)
@@ -75,8 +80,10 @@ def plot_per_class(v, y, out, seed=0):
 
 
 def plot_noise(v, trajectory, alpha, band, out):
-    """Noisy copies' angle vs sigma (Eq. 11-12), training angles (Eq. 5, App. C.2), Algorithm 1's path."""
+    """Three panels: noisy copies' angle vs sigma (Eq. 11-12), training angles (Eq. 5, App. C.2),
+    Algorithm 1's path."""
     fig = plt.figure(figsize=(15, 4.5))
+    # Left: the angle between v and its noisy copies, measured and predicted, against sigma.
     ax = fig.add_subplot(1, 3, 1)
     sig = torch.linspace(0, sigma_max(min(band, 89)), 60)
     vv = v[:1].expand(len(sig), -1)
@@ -88,16 +95,21 @@ def plot_noise(v, trajectory, alpha, band, out):
     ax.axvline(sigma_max(alpha), color="gray", lw=0.8)
     ax.set(xlabel="sigma", ylabel="angle to v (degrees)", title=f"noise angle, L = {v.shape[1]}")
     ax.legend(fontsize=7)
+    # Middle: the noise angles training draws, each sigma's angle as for large L (Eq. 11-12).
     ax = fig.add_subplot(1, 3, 2)
-    s, s_sub = noise_levels(20_000, alpha, band if band > alpha else None, generator=torch.Generator().manual_seed(0))
-    ax.hist(torch.rad2deg(torch.atan(s)), bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")   # large-L angle
+    s, s_sub = noise_levels(20_000, alpha, band if band > alpha else None,
+                            generator=torch.Generator().manual_seed(0))
+    ax.hist(torch.rad2deg(torch.atan(s)), bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")
     ax.hist(torch.rad2deg(torch.atan(s_sub)), bins=90, range=(0, 90), alpha=0.7, label="v_noisy")
-    ax.set(xlabel="noise angle (degrees)", ylabel="count", title=f"training angles: alpha {alpha:g}, band {band:g}")
+    ax.set(xlabel="noise angle (degrees)", ylabel="count",
+           title=f"training angles: alpha {alpha:g}, band {band:g}")
     ax.legend(fontsize=7)
+    # Right: Algorithm 1's path over the encoded latents, one colour per sample.
     P = torch.randn(v.shape[1], 3, generator=torch.Generator().manual_seed(1))
     ax = sphere_axes(fig, (1, 3, 3), f"Algorithm 1: latent at steps 1..{len(trajectory)}")
     ax.scatter(*project(v[:300], P).T, color="lightgray", s=2, alpha=0.4)
-    path = torch.stack([project(t.flatten(1).float().cpu(), P) for t in trajectory], 1)  # (B, steps, 3)
+    # Each sample's projected path: (B, steps, 3).
+    path = torch.stack([project(t.flatten(1).float().cpu(), P) for t in trajectory], 1)
     for k, pts in enumerate(path):
         ax.plot(*pts.T, "-o", ms=3, color=plt.cm.tab10(k % 10))
         ax.scatter(*pts[-1], marker="*", s=60, color=plt.cm.tab10(k % 10))
@@ -105,14 +117,18 @@ def plot_noise(v, trajectory, alpha, band, out):
 
 
 def plot_log(path, out):
-    """A run's health from train.py's log.jsonl: the loss terms and the gradient norm against step, log y."""
+    """A run's health from train.py's log.jsonl: the loss terms and the gradient norm against
+    step, log y."""
     try:
         with open(path) as f:
-            recs = [r for r in map(json.loads, filter(str.strip, f)) if isinstance(r, dict) and "step" in r]
-    except (OSError, ValueError) as err:                                    # missing, unreadable, not JSON lines
+            recs = [r for r in map(json.loads, filter(str.strip, f))
+                    if isinstance(r, dict) and "step" in r]
+    except (OSError, ValueError) as err:
+        # The file is missing, unreadable, or not JSON lines.
         die(f"cannot read --log {path!r}: {getattr(err, 'strerror', None) or err}")
     if not recs:
-        die(f"--log {path!r} holds no train.py log lines (train.py writes one every --log_every steps)")
+        die(f"--log {path!r} holds no train.py log lines "
+            f"(train.py writes one every --log_every steps)")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, keys, title in ((axes[0], ("loss", "recon", "pix_con", "lat_con"), "loss terms"),
                             (axes[1], ("grad_norm",), "gradient norm (before clipping)")):
@@ -129,52 +145,79 @@ def plot_uniformity(L, stats, out):
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("prior", "encoded"):
         ax.hist((stats[name]["cos"] * math.sqrt(L)).numpy(), bins=100, density=True, alpha=0.6,
-                label=f"{name}: U {stats[name]['uniformity']:.3f}, cos std {stats[name]['cos_std']:.2f}")
+                label=f"{name}: U {stats[name]['uniformity']:.3f}, "
+                      f"cos std {stats[name]['cos_std']:.2f}")
     ax.set(xlabel="pairwise cosine x sqrt(L)", ylabel="density",
            title="coverage of the sphere (uniform: U ~ -4, std ~ 1)")
     ax.legend(fontsize=8)
     save(fig, out)
 
 
+def get_args(argv):
+    """viz.py's flags, parsed."""
+    p = parser(__doc__)
+    p.add_argument("--ckpt", default="out/toy/last.pt",
+                   help="a train.py checkpoint (default: the quick start's)")
+    p.add_argument("--dataset", default=None,
+                   help="images to encode (default: the checkpoint's dataset)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--raw_weights", action="store_true",
+                   help="the trained weights, not the EMA ones (train.py --ema)")
+    # At most 10000 images, as the pairwise cosines take n^2 doubles.
+    p.add_argument("--n", type=number(2, 10_000, cast=int), default=1000,
+                   help="images to encode (and prior points), at most 10000")
+    p.add_argument("--steps", type=COUNT, default=6, help="Algorithm 1 steps for the trajectory")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <ckpt dir>/viz; --log: the log's folder)")
+    p.add_argument("--log", default=None,
+                   help="instead, plot a train.py log.jsonl: losses, grad norm (loss.png)")
+    return p.parse_args(argv)
+
+
+def encode_dataset(model, ds, n, device):
+    """v = f(E(x, y)) of n random images of ds (Eq. 1) and their labels y: (n, L), (n,).
+    An unconditional model's encode ignores y."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    vs, ys = [], []
+    for x, y in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=256):
+        z = model.encode(x.to(device), y.to(device))
+        vs.append(spherify(z).flatten(1).float().cpu())
+        ys.append(y)
+    return torch.cat(vs), torch.cat(ys)
+
+
 @script
 @torch.no_grad()
 def main(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
-    p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
-    p.add_argument("--n", type=number(2, 10_000, cast=int), default=1000,   # pairwise cosines: n^2 doubles
-                   help="images to encode (and prior points), at most 10000")
-    p.add_argument("--steps", type=COUNT, default=6, help="Algorithm 1 steps for the trajectory")
-    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz; --log: the log's folder)")
-    p.add_argument("--log", default=None, help="instead, plot a train.py log.jsonl: losses, grad norm (loss.png)")
-    args = p.parse_args(argv)
-    if args.log:                                                            # no checkpoint needed
-        return plot_log(args.log, os.path.join(args.out or os.path.dirname(os.path.abspath(args.log)), "loss.png"))
+    args = get_args(argv)
+    # A log is plotted without a checkpoint.
+    if args.log:
+        log_dir = args.out or os.path.dirname(os.path.abspath(args.log))
+        return plot_log(args.log, os.path.join(log_dir, "loss.png"))
     if not os.path.isfile(args.ckpt):
-        die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
+        die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), "
+            f"or pass --ckpt")
     model, targs, ds = load_model_and_data(args)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.n].tolist()
-    vs, ys = [], []                                                         # v = f(E(x, y)) of n random images (Eq. 1)
-    for x, y in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=256):
-        vs.append(spherify(model.encode(x.to(args.device), y.to(args.device))).flatten(1).float().cpu())
-        ys.append(y)                                                        # (unconditional: encode ignores y)
-    v, y = torch.cat(vs), torch.cat(ys)                                     # (n, L), (n,)
+    out = args.out or os.path.join(ckpt_dir(args.ckpt), "viz")
+    v, y = encode_dataset(model, ds, args.n, args.device)               # (n, L), (n,)
+    # As many prior samples f(e), uniform on the sphere (Eq. 3).
     torch.manual_seed(0)
-    prior = spherify(torch.randn_like(v))                                   # uniform on the sphere (Eq. 3)
+    prior = spherify(torch.randn_like(v))
     stats = {"encoded": uniformity(v), "prior": uniformity(prior)}
     for name, s in stats.items():
-        print(f"{name:>8}: uniformity {s['uniformity']:.3f} (uniform ~ -4) | pairwise cos mean {s['cos_mean']:+.4f}, "
-              f"std x sqrt(L) {s['cos_std']:.2f} (uniform ~ 1) | effective dimensions {s['eff_dim']:.1f}")
+        print(f"{name:>8}: uniformity {s['uniformity']:.3f} (uniform ~ -4) | "
+              f"pairwise cos mean {s['cos_mean']:+.4f}, "
+              f"std x sqrt(L) {s['cos_std']:.2f} (uniform ~ 1) | "
+              f"effective dimensions {s['eff_dim']:.1f}")
+    # Algorithm 1's path on the sphere for k = 6 samples (of classes 0, 1, ... if conditional).
     cfg, k, trajectory = model.cfg, 6, []
     e = torch.randn(k, cfg.grid, cfg.grid, cfg.latent_dim, device=args.device)
     labels = torch.arange(k, device=args.device) % cfg.num_classes if cfg.num_classes else None
     generate(model, e, labels, args.steps, sigma_max(targs["alpha"]), trace=trajectory)
     plot_spheres(v, y, prior, os.path.join(out, "sphere.png"))
     plot_per_class(v, y, os.path.join(out, "sphere_per_class.png"))
-    plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"], os.path.join(out, "noise.png"))
+    plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"],
+               os.path.join(out, "noise.png"))
     plot_uniformity(v.shape[1], stats, os.path.join(out, "uniformity.png"))
     print(f"wrote {out}/sphere.png, sphere_per_class.png, noise.png, uniformity.png")
 

@@ -8,6 +8,7 @@ import types
 import torch
 
 import ablate
+import sample
 import train
 from model import make_config
 
@@ -73,8 +74,8 @@ def test_compression_angles_keep_the_noise_per_latent_number_and_the_base_sits_o
 
 def test_prior_study_draws_e_from_the_truncated_gaussian(monkeypatch):
     seen = []
-    fake = lambda model, e, y, T, sigma, generator=None, **kw: seen.append(e) or [torch.zeros(len(e), 3, 32, 32)] * T
-    monkeypatch.setattr(ablate, "generate", fake)
+    fake = lambda model, e, y, T, sigma, *a, generator=None, **kw: seen.append(e) or [torch.zeros(len(e), 3, 32, 32)] * T
+    monkeypatch.setattr(sample, "generate", fake)
     model = types.SimpleNamespace(cfg=make_config("tiny", "toy"))
     for settings in ({"truncate": 0.5}, {}):
         assert set(ablate.samples(model, {"alpha": 80}, 20, [1, 2], settings)) == {1, 2}

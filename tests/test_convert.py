@@ -16,7 +16,7 @@ import torch
 
 import convert
 from conftest import ROOT, randomize_zero_inits
-from data import DataError
+from cli import DataError
 from model import SphereEncoder, make_config
 
 OURS_TO_RELEASED = [                                 # applied in order to "net.rest"

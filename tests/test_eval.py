@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import sample
 import train
 from conftest import ROOT
@@ -46,16 +47,16 @@ def ckpt(tmp_path_factory):
 
 
 def toy_u8(n, start=0):
-    return sample.Images([ToyShapes()[start + i] for i in range(n)])
+    return evaluate.Images([ToyShapes()[start + i] for i in range(n)])
 
 
 def test_stand_in_features_tell_images_apart(weights):
-    net = sample.inception(type("A", (), {"inception_weights": sample.load_inception(weights)}), "cpu")
-    feats = lambda ims: sample.features(ims, net, "cpu", 0, 1, "test")["2048"]
-    real, noise = feats(toy_u8(12)), feats(sample.Images(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)))
+    net = evaluate.inception(type("A", (), {"inception_weights": evaluate.load_inception(weights)}), "cpu")
+    feats = lambda ims: evaluate.features(ims, net, "cpu", 0, 1, "test")["2048"]
+    real, noise = feats(toy_u8(12)), feats(evaluate.Images(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)))
     assert 0.05 < real.abs().mean() < 5 and real.std(0).mean() > 1e-3           # not ~1e-8, not alike
-    same = sample.fid(sample.statistics(real), sample.statistics(real))
-    apart = sample.fid(sample.statistics(real), sample.statistics(noise))
+    same = evaluate.fid(evaluate.statistics(real), evaluate.statistics(real))
+    apart = evaluate.fid(evaluate.statistics(real), evaluate.statistics(noise))
     assert abs(same) < 1e-3 * apart and apart > 1, (same, apart)
 
 
@@ -76,9 +77,13 @@ def test_fid_rfid_is_prc_cached_sharded_and_from_statistics(ckpt, weights, tmp_p
     out, first = one("a", "--steps", "1,2", *every("c1"))
     assert "reference features" in out.err and "reconstructions" in out.err and "img/s" in out.err
     assert list(first) == [(1.0, 1), (1.0, 2)] and "gFID" in out.out and "precision" in out.out   # the table
+    few = "warning: FID of 10 samples and 8 reference images is biased upward by an amount that depends on N"
+    assert out.err.count(few) == 1                                              # once, not per row
     for row in first.values():
-        assert set(row) == {"cfg", "steps", "gFID", "rFID", "IS", "IS_std", "precision", "recall"}
+        assert set(row) == {"cfg", "steps", "gFID", "rFID", "IS", "IS_std", "precision", "recall", "samples",
+                            "reference_images"}
         assert all(np.isfinite(v) for v in row.values()) and row["gFID"] > 0 and 0 <= row["recall"] <= 1
+        assert (row["samples"], row["reference_images"]) == (10, 8)
     (cache,) = os.listdir(tmp_path / "c1")
     out, again = one("b", "--steps", "1", *every("c1"))                        # the cache: no reference extraction
     assert "reference features" not in out.err and f"reference statistics: read {tmp_path / 'c1' / cache}" in out.out
@@ -109,14 +114,14 @@ def test_prc_refuses_a_statistics_ref(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_default_reference_is_ref_count_training_images_drawn_with_a_seed():
-    ds, stats, name = sample.reference(None, {"dataset": "toy"}, 32, count=40)
+    ds, stats, name = evaluate.reference(None, {"dataset": "toy"}, 32, count=40)
     assert len(ds) == 40 and stats is None and name == "sphere-toy-builtin-32px-40"
     idx = ds.items.indices
     assert idx == sorted(idx) and idx != list(range(40))
-    assert idx == sample.reference(None, {"dataset": "toy"}, 32, 40)[0].items.indices             # the same draw
-    assert len(sample.reference(None, {"dataset": "toy"}, 32, count=10 ** 6)[0]) == 10_000   # all, when fewer
+    assert idx == evaluate.reference(None, {"dataset": "toy"}, 32, 40)[0].items.indices             # the same draw
+    assert len(evaluate.reference(None, {"dataset": "toy"}, 32, count=10 ** 6)[0]) == 10_000   # all, when fewer
 
 
 def test_samples_become_uint8_by_floor_as_the_release_saves_them():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 0.9999, 1.0, 1.5])
-    assert sample.to_uint8(x).tolist() == [0, 0, 127, 191, 254, 255, 255]      # floor(127.5 (x + 1)), clamped
+    assert evaluate.to_uint8(x).tolist() == [0, 0, 127, 191, 254, 255, 255]      # floor(127.5 (x + 1)), clamped

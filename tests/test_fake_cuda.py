@@ -138,7 +138,7 @@ def test_algorithm_1_with_cfg_on_cuda(size, dataset):
         for position in ("pixel", "latent", "combo") if size in ("S", "B") else ("combo",):
             trace = []
             with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-                xs = generate(model, e, y, 2, sigma_max(85), cfg=1.4, cfg_position=position, trace=trace)
+                xs = generate(model, e, y, 2, sigma_max(85), cfg_scale=1.4, cfg_position=position, trace=trace)
                 u8 = ((xs[-1] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8)   # sample.py's .npz
             assert len(xs) == len(trace) == 2 and on_cuda(*xs, *trace) and on_cuda(u8, dtype=torch.uint8), position
             assert xs[-1].shape == (2, 3, cfg.image_size, cfg.image_size) and trace[-1].shape == e.shape

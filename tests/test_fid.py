@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, build_dataset
-from sample import Images, cache_name, reference
+from cli import DataError
+from data import build_dataset
+from evaluate import Images, cache_name, reference
 
 
 def tree(root, sizes):

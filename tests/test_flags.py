@@ -12,7 +12,8 @@ from PIL import Image
 
 import train
 from conftest import ROOT
-from data import DataError, Guarded, build_dataset, default_workers, folder_settings, progress
+from cli import DataError, progress
+from data import Guarded, build_dataset, default_workers, folder_settings
 
 INT, NUM, CK = "must be an integer", "must be a number", ["--ckpt", "{out}/none.pt"]  # CK: never read
 ROWS = [  # script, arguments ({out}: where it would write), the error's words, as a subprocess (else main(argv))
@@ -26,7 +27,7 @@ ROWS = [  # script, arguments ({out}: where it would write), the error's words, 
     ("sample.py", [*CK, "--alpha", "90"], "argument --alpha: must be a number in (0, 90), got '90'", True),
     ("sample.py", [*CK, "--steps", "1,0"], "argument --steps: must be integers >= 1 like 1,2,4, got 1,0", False),
     ("sample.py", [*CK, "--steps", "all"], "argument --steps: must be integers >= 1 like 1,2,4, got all", False),
-    ("sample.py", [*CK, "--steps", "2.5"], "argument --steps: must be integers like 1,2,4 (or 'all'), got '2.5'", False),
+    ("sample.py", [*CK, "--steps", "2.5"], "argument --steps: must be integers >= 1 like 1,2,4, got 2.5", False),
     ("sample.py", [*CK, "--n", "0"], f"argument --num_samples/--n: {INT} >= 1, got '0'", False),
     ("sample.py", [*CK, "--classes", "a"], "argument --classes: must be integers like 1,2,4 (or 'all'), got 'a'", False),
     ("sample.py", [*CK, "--cfg", "0.5"], f"argument --cfg: {NUM} >= 1.0, got '0.5'", False),

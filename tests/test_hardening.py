@@ -21,7 +21,7 @@ import sample
 import train
 import viz
 from conftest import ROOT
-from data import DataError
+from cli import DataError
 
 FAST = ["--batch_size", "8", "--model", "tiny", "--log_every", "2", "--sample_every", "1000", "--num_workers", "0"]
 FOLDER = ["--dataset", "folder", "--image_size", "16", "--perceptual_weight", "0"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import sample
 from conftest import ROOT, randomize_zero_inits
 from model import SphereEncoder
@@ -70,10 +71,10 @@ def test_cfg_one_equals_no_guidance(model, position):
     e, y = noise(model), torch.tensor([0, 1, 2, 3])
     plain = generate(model, e, y, 3, generator=torch.Generator().manual_seed(2))
     for scale in (1.0, 0.5):                                                     # guidance only for s > 1 [released]
-        guided = generate(model, e, y, 3, cfg=scale, cfg_position=position, generator=torch.Generator().manual_seed(2))
+        guided = generate(model, e, y, 3, cfg_scale=scale, cfg_position=position, generator=torch.Generator().manual_seed(2))
         for p, q in zip(plain, guided):
             torch.testing.assert_close(p, q)
-    strong = generate(model, e, y, 3, cfg=2.0, cfg_position=position, generator=torch.Generator().manual_seed(2))
+    strong = generate(model, e, y, 3, cfg_scale=2.0, cfg_position=position, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(plain[-1], strong[-1])
 
 
@@ -82,7 +83,7 @@ def test_pixel_cfg_formula(model):
     v = spherify(e)
     cond, unc = model.decode(v, y), model.decode(v, None)
     expected = (unc + 1.5 * (cond - unc)).clamp(-1, 1)
-    torch.testing.assert_close(generate(model, e, y, 1, cfg=1.5, cfg_position="pixel")[0], expected)
+    torch.testing.assert_close(generate(model, e, y, 1, cfg_scale=1.5, cfg_position="pixel")[0], expected)
     assert guidance_scales(1.6, "combo") == pytest.approx((1.6 ** 0.5, 1.6 ** 0.5))   # App. C.1: product = s
 
 
@@ -131,28 +132,29 @@ def test_cli_missing_and_corrupt_checkpoint(tmp_path, capsys):
 def test_frechet_distance_hand_values():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 3))
-    assert sample.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     # N(0, I) vs N(mu, 4 I) in 3D: |mu|^2 + tr(I + 4I - 2 * 2I) = |mu|^2 + 3
     b = rng.normal(size=(4000, 3)) * 2 + np.array([1.0, 2.0, 0.0])
-    assert sample.frechet_distance(a, b) == pytest.approx(5.0 + 3.0, rel=0.1)
+    assert evaluate.frechet_distance(a, b) == pytest.approx(5.0 + 3.0, rel=0.1)
 
 
 def test_toy_scores_offline_with_a_stand_in_classifier():
-    from data import ToyClassifier, ToyShapes
+    from data import ToyShapes
+    from evaluate import ToyClassifier
     torch.manual_seed(0)
     clf = ToyClassifier().eval()                                                 # random weights: exercises the path
     ds = ToyShapes()
     real = torch.stack([ds[i][0] for i in range(64)])
     labels = torch.arange(64) % 10
-    same = sample.toy_scores(real, labels, clf)                                  # the reference images themselves
+    same = evaluate.toy_scores(real, labels, clf)                                  # the reference images themselves
     assert same["toy_fd"] == pytest.approx(0.0, abs=1e-3)
-    noise = sample.toy_scores(torch.rand(64, 3, 32, 32) * 2 - 1, labels, clf)
+    noise = evaluate.toy_scores(torch.rand(64, 3, 32, 32) * 2 - 1, labels, clf)
     assert noise["toy_fd"] > same["toy_fd"] + 1e-3 and 0 <= noise["class_acc"] <= 1
     assert same["colour_spread"] == pytest.approx(1.0)
     clf.forward = lambda im: torch.nn.functional.one_hot(torch.full((len(im),), 3), 10).float()  # says "ring"
-    per = sample.toy_scores(real, labels, clf)["per_class"]                     # 7 of each class 0-3, 6 of 4-9
+    per = evaluate.toy_scores(real, labels, clf)["per_class"]                     # 7 of each class 0-3, 6 of 4-9
     assert list(per) == ds.classes and per["ring"] == 1.0 and sum(per.values()) == 1.0
-    assert sample.toy_scores(real * 0.5, labels, clf)["colour_spread"] == pytest.approx(0.5)   # washed-out colours
+    assert evaluate.toy_scores(real * 0.5, labels, clf)["colour_spread"] == pytest.approx(0.5)   # washed-out colours
 
 
 def test_toy_recon_scores_colour_gap_and_class_accuracy():
@@ -169,7 +171,7 @@ def test_toy_recon_scores_colour_gap_and_class_accuracy():
             return v * self.rms + torch.tensor([0.2, 0.0, 0.0]).view(1, 3, 1, 1)
     m = Shift(1, 1)
     says = lambda c: lambda im: torch.nn.functional.one_hot(torch.full((len(im),), c), 10).float()  # always class c
-    err, acc, per_class = sample.toy_recon_scores(m, says(3), n=8)              # labels of images 0..7: i % 10
+    err, acc, per_class = evaluate.toy_recon_scores(m, says(3), n=8)              # labels of images 0..7: i % 10
     assert err == pytest.approx(0.2 / 3 * 127.5, rel=1e-4) and acc == pytest.approx(1 / 8)
     assert per_class == {name: float(name == "ring") for name in ToyShapes.classes[:8]}
 
@@ -258,7 +260,7 @@ def test_torchrun_sharded_sampling_equals_one_process_and_outlasts_dist_timeout(
 
 
 def test_toy_classifier_is_the_same_judge_for_every_run(tmp_path):
-    from data import toy_classifier
+    from evaluate import toy_classifier
     torch.manual_seed(1)                                                        # whatever the caller's RNG state
     a = toy_classifier(str(tmp_path / "a.pt"), steps=2).state_dict()
     torch.rand(100)

@@ -14,7 +14,8 @@ import checkpoint
 import data
 import train
 from conftest import ROOT
-from data import DataError, ToyShapes
+from cli import DataError
+from data import ToyShapes
 
 FAST = ["--batch_size", "8", "--model", "tiny", "--log_every", "2", "--sample_every", "1000", "--num_workers", "0"]
 

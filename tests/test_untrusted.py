@@ -15,6 +15,7 @@ import torch
 
 import convert
 import edit
+import evaluate
 import sample
 import train
 import viz
@@ -87,7 +88,7 @@ def test_inception_weights_are_hash_checked_and_loaded_as_data(tmp_path, capsys,
     sd = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
     monkeypatch.undo()
     torch.save(sd, tmp_path / "stand-in.pth")
-    assert sample.load_inception(str(tmp_path / "stand-in.pth")) == str(tmp_path / "stand-in.pth")
+    assert evaluate.load_inception(str(tmp_path / "stand-in.pth")) == str(tmp_path / "stand-in.pth")
     out = capsys.readouterr().out
     assert "is not the official Inception weights (SHA-256 " in out and "the official file's begins 6726825d" in out
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
@@ -96,8 +97,8 @@ def test_inception_weights_are_hash_checked_and_loaded_as_data(tmp_path, capsys,
         calls.append((url, dst, hash_prefix))
         raise OSError("<urlopen error [Errno -2] Name or service not known>")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(sample.DataError, match="FID/IS need the Inception weights .*--inception_weights PATH"):
-        sample.load_inception(None)
+    with pytest.raises(evaluate.DataError, match="FID/IS need the Inception weights .*--inception_weights PATH"):
+        evaluate.load_inception(None)
     assert calls[0][2] == "6726825d" and calls[0][1].startswith(str(tmp_path / "empty" / "hub" / "checkpoints"))
 
 
@@ -169,6 +170,6 @@ def test_every_loader_in_the_sources_reads_data_only():
             assert "weights_only=True" in call, (name, call)
         assert "allow_pickle=True" not in text and not re.search(r"\bpickle\.loads?\(|load_state_dict_from_url", text), name
         for m in re.finditer(r"feature_extractor_weights_path=([\w.]+)", text):
-            assert name == "sample.py" and m[1] in ("path", "args.inception_weights"), (name, m[0])
-    src = open(os.path.join(ROOT, "sample.py")).read()
+            assert name == "evaluate.py" and m[1] in ("path", "args.inception_weights"), (name, m[0])
+    src = open(os.path.join(ROOT, "evaluate.py")).read()
     assert "args.inception_weights = load_inception(args.inception_weights)" in src
