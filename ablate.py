@@ -177,8 +177,7 @@ def samples(model, targs, n, steps, settings, seed=0):
     cfg, out = model.cfg, {}
     sig = sigma_max(settings.get("alpha", targs["alpha"]))
     t = settings.get("truncate")                                            # App. C.6
-    kw = {("cfg_scale" if k == "cfg" else k): v for k, v in settings.items()
-          if k not in ("alpha", "truncate")}
+    kw = {("cfg_scale" if k == "cfg" else k): v for k, v in settings.items() if k not in ("alpha", "truncate")}
     # With gamma 0, step t of a T-step run is a t-step run: one run of max(steps) gives them all.
     for T in ([max(steps)] if kw.get("gamma", 0) == 0 else steps):
         g, shape = torch.Generator().manual_seed(seed), (n, cfg.grid, cfg.grid, cfg.latent_dim)
@@ -188,8 +187,7 @@ def samples(model, targs, n, steps, settings, seed=0):
         y = torch.arange(n) % cfg.num_classes
         # Batches of 250, all drawing on the one generator.
         batches = [(eb, yb, g) for eb, yb in zip(e.split(250), y.split(250))]
-        xs = [torch.cat(b)
-              for b in zip(*generate_batches(model, batches, T, sig, bf16=False, **kw))]
+        xs = [torch.cat(b) for b in zip(*generate_batches(model, batches, T, sig, bf16=False, **kw))]
         out.update({t: xs[t - 1] for t in steps} if kw.get("gamma", 0) == 0 else {T: xs[-1]})
     return out
 
@@ -212,8 +210,7 @@ def judge(study, s, folder, clf, n):
         out = {("prior", 0): {"uniformity": uniformity(prior)["uniformity"]}}
         for f in sorted(f for f in os.listdir(folder) if f.startswith("ckpt_")):
             m = load_model(os.path.join(folder, f))[0]
-            v = torch.cat([spherify(m.encode(xb, yb)).flatten(1)
-                           for xb, yb in zip(x.split(250), y.split(250))])
+            v = torch.cat([spherify(m.encode(xb, yb)).flatten(1) for xb, yb in zip(x.split(250), y.split(250))])
             out[("encoded", int(f[5:12]))] = {"uniformity": uniformity(v)["uniformity"]}
         out.update({("prior", k): out[("prior", 0)] for _, k in list(out)})
         return out
@@ -228,20 +225,17 @@ def judge(study, s, folder, clf, n):
             # training set is all of the toy data or the run's draw of it.
             if study == "memorization":
                 toy, k = ToyShapes(), min(n, 500)
-                seen = (subset(len(toy), targs["max_samples"]) if targs.get("max_samples")
-                        else range(len(toy)))
+                seen = (subset(len(toy), targs["max_samples"]) if targs.get("max_samples") else range(len(toy)))
                 d_train = nn_distance(x[:k], toy.images(seen[:k]))
                 d_held = nn_distance(x[:k], toy.images(range(HELD_OUT, HELD_OUT + k)))
-                out[(name, steps)].update(nn_train=d_train, nn_held_out=d_held,
-                                          nn_ratio=d_train / d_held)
+                out[(name, steps)].update(nn_train=d_train, nn_held_out=d_held, nn_ratio=d_train / d_held)
     return out
 
 
 def summarize(rows, s):
     """table.md: a row per variant x sampling x steps (x the study's axis), mean and spread
     (min-max) over seeds."""
-    cols = [c for c in dict.fromkeys(["train_step" if s.x == "train_step" else "steps", s.x])
-            if c != "variant"]
+    cols = [c for c in dict.fromkeys(["train_step" if s.x == "train_step" else "steps", s.x]) if c != "variant"]
     groups = {}
     for r in rows:
         groups.setdefault((r["variant"], r["sampling"], *(r[c] for c in cols)), []).append(r)
@@ -254,8 +248,7 @@ def summarize(rows, s):
     for key, rs in sorted(groups.items(), key=lambda g: tuple(map(str, g[0][:2])) + g[0][2:]):
         cell = lambda k: (f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})"
                           if (v := [r[k] for r in rs if k in r]) else "")
-        lines.append("| " + " | ".join(map(str, key)) + f" | {len(rs)} | "
-                     + " | ".join(cell(k) for k in keys) + " |")
+        lines.append("| " + " | ".join(map(str, key)) + f" | {len(rs)} | " + " | ".join(cell(k) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,8 +266,7 @@ def plot(ax, rows, s, name):
     for label, pts in series.items():
         xs = sorted(pts, key=lambda v: (isinstance(v, str), v))
         mean = [statistics.mean(pts[x]) for x in xs]
-        err = [[m - min(pts[x]) for m, x in zip(mean, xs)],
-               [max(pts[x]) - m for m, x in zip(mean, xs)]]
+        err = [[m - min(pts[x]) for m, x in zip(mean, xs)], [max(pts[x]) - m for m, x in zip(mean, xs)]]
         ax.errorbar([str(x) for x in xs] if s.x == "variant" else xs, mean, yerr=err, marker="o",
                     capsize=3, label=f"{s.series} {label}" if s.series == "steps" else label)
     if s.log:
@@ -282,8 +274,7 @@ def plot(ax, rows, s, name):
         ax.set_yscale("log")
         ax.set_xticks(sorted({x for pts in series.values() for x in pts}), minor=False)
         ax.xaxis.set_major_formatter("{x:g}")
-    note = {"toy_fd": " (lower is better)", "nn_ratio": " (< 1: nearer to training)",
-            "uniformity": " (uniform: -4)"}
+    note = {"toy_fd": " (lower is better)", "nn_ratio": " (< 1: nearer to training)", "uniformity": " (uniform: -4)"}
     ax.set(xlabel=s.x, ylabel=s.metric + note.get(s.metric, ""),
            title=" ".join([name, *(f"({k} {v})" for k, v in s.where.items())]))
     ax.legend(fontsize=6)
@@ -296,8 +287,7 @@ def run_study(name, args, clf):
     path, t0 = os.path.join(folder, "results.jsonl"), time.time()
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     done = {(r["variant"], r["seed"]) for r in rows}
-    todo = [] if args.report else [(v, seed) for v in s.variants for seed in range(args.seeds)
-                                   if (v, seed) not in done]
+    todo = [] if args.report else [(v, seed) for v in s.variants for seed in range(args.seeds) if (v, seed) not in done]
     for variant, seed in progress(todo, desc=name, unit="run"):
         flags = s.variants[variant]
         run = run_dir(args.out_dir, flags, seed, args.quick)
@@ -337,16 +327,12 @@ def run_study(name, args, clf):
 @script
 def main(argv=None):
     p = parser(__doc__, device=False)
-    p.add_argument("study", choices=[*STUDIES, "all"],
-                   help="; ".join(f"{k}: {s.claim}" for k, s in STUDIES.items()))
+    p.add_argument("study", choices=[*STUDIES, "all"], help="; ".join(f"{k}: {s.claim}" for k, s in STUDIES.items()))
     p.add_argument("--out_dir", default="out/ablate")
     p.add_argument("--seeds", type=COUNT, default=2, help="training seeds per variant (0..N-1)")
-    p.add_argument("--n", type=COUNT,
-                   help="samples judged per run and step count (default 500, --quick 40)")
-    p.add_argument("--quick", action="store_true",
-                   help="12 training steps, 40 samples, a weak judge: the tests")
-    p.add_argument("--report", action="store_true",
-                   help="train and judge nothing: tables and plots of what is in")
+    p.add_argument("--n", type=COUNT, help="samples judged per run and step count (default 500, --quick 40)")
+    p.add_argument("--quick", action="store_true", help="12 training steps, 40 samples, a weak judge: the tests")
+    p.add_argument("--report", action="store_true", help="train and judge nothing: tables and plots of what is in")
     args = p.parse_args(argv)
     args.n = args.n or (40 if args.quick else 500)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -358,8 +344,7 @@ def main(argv=None):
     results = {name: run_study(name, args, clf) for name in names}
     # Several studies: their plots in one figure, the README's claims.png.
     if len(names) > 1:
-        fig, axes = plt.subplots(2, math.ceil(len(names) / 2),
-                                 figsize=(4.6 * math.ceil(len(names) / 2), 8))
+        fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(4.6 * math.ceil(len(names) / 2), 8))
         for ax, name in zip(axes.flat, names):
             plot(ax, results[name], STUDIES[name], name)
         for ax in axes.flat[len(names):]:

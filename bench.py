@@ -78,8 +78,7 @@ def bench(args, mode, world, dev, measured, known):
     print0(f"\n[{mode}{', grad_ckpt' if args.grad_ckpt else ''}{par}] "
            f"{args.model} / {args.dataset}: "
            f"{model.num_params() / 1e6:.1f}M params, batch {B} per process")
-    print0(f"  train: {world * B / t_step:.1f} img/s, step {t_step * 1e3:.1f} ms, "
-           f"peak memory {mem}")
+    print0(f"  train: {world * B / t_step:.1f} img/s, step {t_step * 1e3:.1f} ms, peak memory {mem}")
     print0(f"  achieved {tflops / 1e12:.3f} TFLOP/s | "
            f"MFU vs measured matmul {tflops / (world * measured):.1%}"
            + (f" | MFU vs bf16 peak {tflops / (world * known):.1%}" if known else ""))
@@ -91,8 +90,7 @@ def bench(args, mode, world, dev, measured, known):
     counted = count_flops(model, autocast, x, y, w, dev)
     print(f"  FLOPs/img (train step): estimate {flops_est / 1e9:.2f} G, "
           f"counted {counted / 1e9:.2f} G (ratio {flops_est / max(counted, 1):.3f})")
-    print("  time split: "
-          + ", ".join(f"{k} {v / sum(split.values()):.0%}" for k, v in split.items()))
+    print("  time split: " + ", ".join(f"{k} {v / sum(split.values()):.0%}" for k, v in split.items()))
     speed = sampling_speed(net, z, y, B, autocast, dev, args.iters)
     print("  sampling img/s: " + ", ".join(f"{s} step(s) {v:.1f}" for s, v in speed.items()))
 
@@ -127,8 +125,7 @@ def sampling_speed(net, z, y, B, autocast, dev, iters):
     """Images a second that generate() makes from the noise e = z[:B], with 1, 2 and 4 steps:
     {steps: img/s}."""
     with torch.inference_mode(), autocast:
-        return {steps: B / timed(lambda: generate(net, z[:B], y, steps), dev, iters)
-                for steps in (1, 2, 4)}
+        return {steps: B / timed(lambda: generate(net, z[:B], y, steps), dev, iters) for steps in (1, 2, 4)}
 
 
 @script
@@ -138,20 +135,15 @@ def main(argv=None):
     p.add_argument("--dataset", default="toy", choices=list(LATENTS), help="the latent shape")
     p.add_argument("--batch_size", type=COUNT, default=16)
     p.add_argument("--iters", type=COUNT, default=5)
-    p.add_argument("--perceptual", action="store_true",
-                   help="include LPIPS (random VGG weights: same cost)")
-    p.add_argument("--compile", action="store_true",
-                   help="also the train step compiled as train.py --compile")
-    p.add_argument("--grad_ckpt", action="store_true",
-                   help="activation checkpointing per block (less memory)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard with FSDP2 instead of DDP")
+    p.add_argument("--perceptual", action="store_true", help="include LPIPS (random VGG weights: same cost)")
+    p.add_argument("--compile", action="store_true", help="also the train step compiled as train.py --compile")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (less memory)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     args = p.parse_args(argv)
     world, _, dev = init_distributed(args.device, args.dist_timeout)
     if args.fsdp and world == 1:
         die("--fsdp needs a torchrun launch with 2 or more processes")
-    name = (torch.cuda.get_device_name() if dev.startswith("cuda")
-            else f"CPU ({torch.get_num_threads()} threads)")
+    name = (torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)")
     known = next((v for k, v in PEAK_BF16.items() if k in name), None)
     # What the machine reaches on a large matmul, in the training dtype.
     n, dtype = (8192, torch.bfloat16) if dev.startswith("cuda") else (1024, torch.float32)

@@ -36,19 +36,16 @@ def read_checkpoint(path):
     stay on disk. Missing, not a zip, truncated or corrupt -> DataError.
     """
     if not os.path.isfile(path):
-        raise DataError(f"no checkpoint at {path!r}"
-                        + (" (that is a folder)" if os.path.isdir(path) else ""))
+        raise DataError(f"no checkpoint at {path!r}" + (" (that is a folder)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
         head = f.read(8)
     # torch.save wrote a pickle before PyTorch 1.6 and writes a zip archive since. A zip archive
     # keeps its directory at its end, so a truncated one is no longer a zip file.
     legacy = head.startswith(b"\x80\x02\x8a\x0al\xfc\x9c")
     if not head.startswith(b"PK") and not legacy:
-        raise DataError(f"{path!r} is not a PyTorch checkpoint "
-                        f"(not a zip archive; it starts with {head!r})")
+        raise DataError(f"{path!r} is not a PyTorch checkpoint (not a zip archive; it starts with {head!r})")
     if not legacy and not zipfile.is_zipfile(path):
-        raise DataError(f"{path!r} is truncated "
-                        "(a zip archive without its end: an interrupted copy or write?)")
+        raise DataError(f"{path!r} is truncated (a zip archive without its end: an interrupted copy or write?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
     except Exception as err:
@@ -61,8 +58,7 @@ def read_checkpoint(path):
                             "pickled object can run code (every file is read as data: tensors "
                             "and builtins only)") from None
         cause = re.search(r"WeightsUnpickler error: (.*)", str(err))
-        raise DataError(f"{path!r} is corrupt: "
-                        f"{cause[1] if cause else str(err).splitlines()[0][:200]}") from None
+        raise DataError(f"{path!r} is corrupt: {cause[1] if cause else str(err).splitlines()[0][:200]}") from None
 
 
 def save_checkpoint(obj, path, write=None, what="checkpoint"):
@@ -84,8 +80,7 @@ def save_checkpoint(obj, path, write=None, what="checkpoint"):
     except OSError as err:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        kept = (f"the previous {what} is intact" if os.path.isfile(path)
-                else f"no {what} written yet")
+        kept = (f"the previous {what} is intact" if os.path.isfile(path) else f"no {what} written yet")
         raise DataError(f"cannot write {what} {path!r}: {err.strerror or err}; {kept}") from None
 
 
@@ -97,8 +92,7 @@ def save_npz(arrays, path, what="npz"):
 
 def save_json(obj, path, what="json"):
     """obj as indented JSON, atomic like every save (sample.py's metrics)."""
-    save_checkpoint(obj, path, write=lambda o, f: f.write(json.dumps(o, indent=1).encode()),
-                    what=what)
+    save_checkpoint(obj, path, write=lambda o, f: f.write(json.dumps(o, indent=1).encode()), what=what)
 
 
 def ckpt_dir(path):
@@ -114,8 +108,7 @@ def load_checkpoint(path):
     if not {"model", "config", "args"} <= set(keys):
         what = f"{type(ckpt).__name__} with keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
         if {"model", "epoch"} <= set(keys):
-            what += ("; it looks like a checkpoint of the authors' release: "
-                     "convert it with python convert.py IN OUT")
+            what += ("; it looks like a checkpoint of the authors' release: convert it with python convert.py IN OUT")
         elif keys and all(torch.is_tensor(v) for v in ckpt.values()):
             what = f"bare state_dict of {len(keys)} tensors ({keys[0]!r}, ...)"
         raise DataError(f"{path!r} is a PyTorch file but not a train.py checkpoint: a {what}")
@@ -146,8 +139,7 @@ def load_model(path, device="cpu", ema=True):
         model = SphereEncoder(Config(**ckpt["config"]))
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except (TypeError, RuntimeError) as err:
-        raise DataError(f"checkpoint {path!r} does not match its config: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise DataError(f"checkpoint {path!r} does not match its config: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt["args"]
 
 
@@ -175,8 +167,7 @@ def check_out_dir(args, params=0):
     4 with EMA)."""
     check_writable(args.out_dir, "--out_dir")
     need, free = 4 * params * (4 if args.ema > 0 else 3), shutil.disk_usage(args.out_dir).free
-    room = (f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, "
-            f"a checkpoint needs about {need / 2 ** 20:.0f} MB")
+    room = (f"only {free / 2 ** 20:.0f} MB free in {args.out_dir!r}, a checkpoint needs about {need / 2 ** 20:.0f} MB")
     if free < need:
         die(f"{room}; free some space or choose another --out_dir")
     if free < 3 * need:

@@ -47,8 +47,7 @@ def parser(doc, device=True, dist=False):
     """A script's argparse: --help shows its docstring, a bad flag is one line (die).
     device: --device (cuda if any); dist: --dist_timeout, for the scripts that run under
     torchrun."""
-    p = argparse.ArgumentParser(description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die
     if device:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -81,8 +80,7 @@ def classes_list(text):
     try:
         return None if text == "all" else [int(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be integers like 1,2,4 (or 'all'), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be integers like 1,2,4 (or 'all'), got {text!r}") from None
 
 
 def number(lo, hi=None, cast=float, lo_open=False, hi_open=False):

@@ -46,8 +46,7 @@ def infer_config(sd):
     # The number of blocks under a key prefix.
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
     if any("inctx" in k or "cond_proj" in k for k in sd):
-        raise DataError("in-context tokens / text conditioning are not part of this "
-                        "implementation; cannot convert")
+        raise DataError("in-context tokens / text conditioning are not part of this implementation; cannot convert")
     try:
         patch = sd["encoder.x_embedder.0.weight"]                              # (width, 3, P, P)
         enc_w, P = patch.shape[0], patch.shape[-1]
@@ -75,8 +74,7 @@ def convert(released):
     cfg = infer_config(released)
     out, source = {}, {}
     # The linear pixel head has one conv, decoder.conv, where the conv head has a stack.
-    rules = RULES + ([(r"^decoder\.conv\.0\.", "decoder.conv.")] if cfg.pixel_head == "linear"
-                     else [])
+    rules = RULES + ([(r"^decoder\.conv\.0\.", "decoder.conv.")] if cfg.pixel_head == "linear" else [])
     for k, v in released.items():
         # Fixed tables (positions, RoPE): the model recomputes them.
         if k.endswith(("pos_embed", "rope")):
@@ -94,14 +92,12 @@ def convert(released):
             out[new] = v
     ours = SphereEncoder(cfg).state_dict()
     if unknown := sorted(set(out) - set(ours)):
-        raise DataError(f"released key maps to nothing here: {source[unknown[0]]} "
-                        f"({len(unknown)} such keys)")
+        raise DataError(f"released key maps to nothing here: {source[unknown[0]]} ({len(unknown)} such keys)")
     if missing := sorted(set(ours) - set(out)):
         raise DataError(f"the checkpoint lacks a weight for {missing[0]} ({len(missing)} missing)")
     for k, v in out.items():
         if v.shape != ours[k].shape:
-            raise DataError(f"{k}: shape {tuple(v.shape)} does not fit the inferred config's "
-                            f"{tuple(ours[k].shape)}")
+            raise DataError(f"{k}: shape {tuple(v.shape)} does not fit the inferred config's {tuple(ours[k].shape)}")
     return cfg, out
 
 
@@ -111,12 +107,9 @@ def main(argv=None):
     p.add_argument("src", help="a released checkpoint (.pth)")
     p.add_argument("dst", help="where to write our checkpoint (e.g. out/sphere-l-imagenet/last.pt)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (ema_model)")
-    p.add_argument("--dataset", default=None,
-                   help="its dataset, for FID (default: from the class count)")
-    p.add_argument("--data_dir", default=None,
-                   help="where that dataset lives (for FID, viz.py, edit.py)")
-    p.add_argument("--alpha", type=ANGLE, default=None,
-                   help="training noise angle (default: 80 up to 64px, 85 above)")
+    p.add_argument("--dataset", default=None, help="its dataset, for FID (default: from the class count)")
+    p.add_argument("--data_dir", default=None, help="where that dataset lives (for FID, viz.py, edit.py)")
+    p.add_argument("--alpha", type=ANGLE, default=None, help="training noise angle (default: 80 up to 64px, 85 above)")
     args = p.parse_args(argv)
     # read_checkpoint loads weights only: the file comes from the internet.
     try:

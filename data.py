@@ -31,8 +31,7 @@ def default_workers(cap=8):
 class ToyShapes(torch.utils.data.Dataset):
     """10 classes, 5 shapes and 5 textures, random colours, position, size, period; image i from
     seed i."""
-    classes = ["disc", "square", "triangle", "ring", "cross",
-               "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
+    classes = ["disc", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker", "diagonal", "dots"]
 
     def __init__(self, size=10_000, image_size=32, seed=0):
         self.size, self.image_size, self.seed = size, image_size, seed
@@ -160,8 +159,7 @@ def find_classes(root):
 def flat(root):
     """A folder of images without (visible) subfolders: an unconditional set's usual layout
     (Animal-Faces)."""
-    return os.path.isdir(root) and not any(e.is_dir() and not hidden(e.name)
-                                           for e in os.scandir(root))
+    return os.path.isdir(root) and not any(e.is_dir() and not hidden(e.name) for e in os.scandir(root))
 
 
 class Folder(torch.utils.data.Dataset):
@@ -195,8 +193,7 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
     if name not in ("toy", *WHERE):
         raise DataError(f"unknown dataset {name!r}")
     if name != "toy" and not download and not (data_dir and os.path.isdir(data_dir)):
-        raise DataError(f"{name} expected in a folder ({WHERE[name]}), but --data_dir "
-                        f"{data_dir!r} is not a folder")
+        raise DataError(f"{name} expected in a folder ({WHERE[name]}), but --data_dir {data_dir!r} is not a folder")
     to_unit = T.Normalize([0.5] * 3, [0.5] * 3)                             # [0, 1] -> [-1, 1]
     tf = T.Compose([*resize_crop(image_size), T.ToTensor(), to_unit])
     try:
@@ -214,8 +211,7 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
             ds = Folder(os.path.join(data_dir, "train") if name == "imagenet" else data_dir, tf)
     except Exception as err:
         # Missing files, no class folders, or no images.
-        hint = (", or add --download on a machine with internet"
-                if name in ("cifar10", "flowers") else "")
+        hint = (", or add --download on a machine with internet" if name in ("cifar10", "flowers") else "")
         raise DataError(f"no images found for {name} in {data_dir!r} ({str(err).splitlines()[0]}); "
                         f"it should hold {WHERE[name]}{hint}") from None
     # num_classes 0: train.py ignores the labels.
@@ -253,8 +249,7 @@ def folder_settings(data_dir, n=8):
             # PIL raises OSError, SyntaxError, ...: the first failure is reported.
             why = why or f"{path}: {type(err).__name__}"
     if not sides:
-        raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be "
-                        f"read (first: {why})")
+        raise DataError(f"none of the {min(n, len(files))} images sampled in {data_dir!r} can be read (first: {why})")
     return dict(image_size=sorted(sides)[len(sides) // 2],
                 num_classes=0 if is_flat else files[-1][1] + 1, num_images=len(files))
 
@@ -281,8 +276,7 @@ def build_loader(ds, args, world, rank, device, micro, step):
     """The micro-batches from global step `step` on, endless: a resumed run sees what an
     uninterrupted one would."""
     steps_per_epoch = len(ds) // args.batch_size
-    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                               drop_last=True)
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
                         drop_last=True, pin_memory=device.startswith("cuda"),
                         persistent_workers=args.num_workers > 0,
@@ -319,8 +313,7 @@ if __name__ == "__main__":
     p.add_argument("--dataset", default="toy", choices=["toy", *WHERE])
     p.add_argument("--data_dir", default=None)
     p.add_argument("--image_size", type=COUNT, default=32)
-    p.add_argument("--check", action="store_true", required=True,
-                   help="read every image, list the unreadable ones")
+    p.add_argument("--check", action="store_true", required=True, help="read every image, list the unreadable ones")
     try:
         check(p.parse_args())
     except DataError as err:

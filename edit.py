@@ -25,14 +25,12 @@ from spherify import generate, reconstruct, refine, sampling_r, sigma_max
 def corner_grid(model, alpha, n=8, y=None, steps=4, generator=None, device="cpu"):
     """Sec. 4 / Fig. 6: n x n bilinear grid between 4 noise corners, Algorithm 1 (no CFG):
     (n * n, C, H, W)."""
-    c = torch.randn(4, model.cfg.grid, model.cfg.grid, model.cfg.latent_dim, generator=generator,
-                    device=device)
+    c = torch.randn(4, model.cfg.grid, model.cfg.grid, model.cfg.latent_dim, generator=generator, device=device)
     t = torch.linspace(0, 1, n, device=device)
     u, w = t.view(n, 1, 1, 1, 1), t.view(1, n, 1, 1, 1)                     # rows, columns
     e = (1 - u) * (1 - w) * c[0] + (1 - u) * w * c[1] + u * (1 - w) * c[2] + u * w * c[3]
     labels = None if y is None else torch.full((n * n,), y, device=device)
-    return generate(model, e.flatten(0, 1), labels, steps, sigma_max(alpha),
-                    generator=generator)[-1]
+    return generate(model, e.flatten(0, 1), labels, steps, sigma_max(alpha), generator=generator)[-1]
 
 
 def slerp(a, b, t):
@@ -49,8 +47,7 @@ def class_interp(model, alpha, pairs, n=8, steps=4, mode="lerp", generator=None,
     no CFG. A column is one generate() call with the same refinement noise, so the end columns are
     plain generation: (rows * n, C, H, W)."""
     cfg, ab = model.cfg, torch.tensor(pairs, device=device)                 # (rows, 2)
-    e0, e1 = torch.randn(2, len(ab), cfg.grid, cfg.grid, cfg.latent_dim, generator=generator,
-                         device=device)
+    e0, e1 = torch.randn(2, len(ab), cfg.grid, cfg.grid, cfg.latent_dim, generator=generator, device=device)
     # Each column gets a generator with this seed, so all refine with the same noise.
     seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=device))
     ya, yb = (F.one_hot(ab[:, i], cfg.num_classes + 1).float() for i in (0, 1))   # (rows, K+1)
@@ -81,14 +78,12 @@ def stitch(xa, xb, mode="horizontal"):
     # The pixel centres in [0, 1]: i down the rows, j across the columns.
     i, j = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
     # Where xa goes in each layout: (H, W).
-    a = {"horizontal": j < 0.5, "vertical": i < 0.5, "tri_forward": i + j < 1,
-         "tri_backward": i > j}
+    a = {"horizontal": j < 0.5, "vertical": i < 0.5, "tri_forward": i + j < 1, "tri_backward": i > j}
     a = a[STITCH.get(mode, mode)]
     return torch.where(a.to(xa.device), xa, xb)
 
 
-def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generator=None,
-              mode="horizontal"):
+def crossover(model, xa, xb, alpha, steps=10, r=0.25, gamma=1.0, y=None, generator=None, mode="horizontal"):
     """Sec. 5: xa and xb stitched (stitch), then rounds blend the seam: [stitched] + each round."""
     x = stitch(xa, xb, mode)
     return [x] + refine(model, x, y, rounds(r, gamma, steps), sigma_max(alpha), generator=generator)
@@ -107,8 +102,7 @@ def load_image(path, size):
             rgba = im.convert("RGBA")
     except (OSError, SyntaxError, ValueError) as err:
         # What PIL raises for a missing file, a file that is not an image, or a broken one.
-        raise DataError(f"--image {path!r} cannot be read as an image: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise DataError(f"--image {path!r} cannot be read as an image: {str(err).splitlines()[0]}") from None
     rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return T.Compose([*resize_crop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(rgb)
 
@@ -118,29 +112,24 @@ def get_args(argv):
     p = parser(__doc__)
     p.add_argument("command", choices=["recon", "grid", "interp", "crossover", "manipulate"])
     p.add_argument("--ckpt", default="out/toy/last.pt")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="your image, any size (repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="your image, any size (repeatable)")
     p.add_argument("--images", type=int_list, default=None,
                    help="dataset indices, comma-separated (default: 0,1,2,3 without --image)")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--raw_weights", action="store_true",
                    help="the trained weights, not the EMA ones (train.py --ema)")
-    p.add_argument("--target", type=NONNEG_INT, default=None,
-                   help="the class (required for manipulate)")
+    p.add_argument("--target", type=NONNEG_INT, default=None, help="the class (required for manipulate)")
     p.add_argument("--classes", type=int_list, default=None,
                    help="interp: classes a,b of every row (default: random)")
-    p.add_argument("--interp", choices=["lerp", "slerp"], default="lerp",
-                   help="interp: how e moves from e0 to e1")
+    p.add_argument("--interp", choices=["lerp", "slerp"], default="lerp", help="interp: how e moves from e0 to e1")
     p.add_argument("--stitch", default="horizontal",
                    choices=["horizontal", "vertical", "tri_forward", "tri_backward", *STITCH],
                    help="crossover: the halves' layout (diagonal = tri_forward)")
     p.add_argument("--steps", type=COUNT, default=None,
                    help="rounds (crossover 10, manipulate 4); grid, interp: steps (4)")
-    p.add_argument("--r", type=PROB, default=None,
-                   help="noise sigma = r sigma_max (crossover 0.25, manipulate 1)")
-    p.add_argument("--gamma", type=NONNEG, default=None,
-                   help="Eq. 13 decay (crossover 1, manipulate 0)")
+    p.add_argument("--r", type=PROB, default=None, help="noise sigma = r sigma_max (crossover 0.25, manipulate 1)")
+    p.add_argument("--gamma", type=NONNEG, default=None, help="Eq. 13 decay (crossover 1, manipulate 0)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", default=None, help="PNG (default: <ckpt dir>/<command>.png)")
     return p.parse_args(argv)
@@ -161,8 +150,7 @@ def generated_grid(args, model, K, alpha, g):
     """grid and interp, which start from noise: the grid, 8 images a row."""
     if args.command == "grid":
         # Fig. 6 left: 4 noise corners.
-        return corner_grid(model, alpha, y=args.target, steps=args.steps or 4, generator=g,
-                           device=args.device)
+        return corner_grid(model, alpha, y=args.target, steps=args.steps or 4, generator=g, device=args.device)
     # Fig. 6 right: a row per class pair, 4 rows; --classes a,b or a random pair with a != b.
     rng = random.Random(args.seed)
     pairs = [args.classes or rng.sample(range(K), 2) if K > 1 else [0, 0] for _ in range(4)]
@@ -185,15 +173,13 @@ def load_inputs(args, model, targs, idx):
 def edited_grid(args, model, x, alpha, g):
     """recon, crossover and manipulate, which edit the images x: the grid and its images a row."""
     # The flags given; the others keep the command's defaults.
-    kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma))
-          if v is not None}
+    kw = {k: v for k, v in (("steps", args.steps), ("r", args.r), ("gamma", args.gamma)) if v is not None}
     if args.command == "recon":
         # Rows: the originals, then their reconstructions.
         grid, nrow = torch.cat([x, reconstruct(model, x)]), len(x)
     elif args.command == "crossover":
         # A row: the two images, stitched, then each round.
-        xs = [x[:1], x[1:2]] + crossover(model, x[:1], x[1:2], alpha, generator=g,
-                                         mode=args.stitch, **kw)
+        xs = [x[:1], x[1:2]] + crossover(model, x[:1], x[1:2], alpha, generator=g, mode=args.stitch, **kw)
         grid, nrow = torch.cat(xs), len(xs)
     else:
         # A row per image: the input, then each round.

@@ -86,8 +86,7 @@ def read_stats(ref):
                 return None, f["arr_0"]
     except Exception as err:
         # No arr_0, not a zip, or a truncated file.
-        raise DataError(f"--ref {ref!r} is not an ADM reference batch "
-                        f"({str(err).splitlines()[0]})") from None
+        raise DataError(f"--ref {ref!r} is not an ADM reference batch ({str(err).splitlines()[0]})") from None
     if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
         raise DataError(f"--ref {ref!r}: mu {stats['mu'].shape}, sigma {stats['sigma'].shape}; "
                         f"Inception's pool features need (2048,) and (2048, 2048)")
@@ -161,8 +160,7 @@ def load_inception(weights):
             torch.hub.download_url_to_file(url, path, hash_prefix=official, progress=False)
         except Exception as err:
             # Offline, or a wrong hash.
-            raise DataError(f"FID/IS need the Inception weights ({str(err).splitlines()[0]}): "
-                            f"{INCEPTION}") from None
+            raise DataError(f"FID/IS need the Inception weights ({str(err).splitlines()[0]}): {INCEPTION}") from None
     try:
         # Read with weights_only: a pickled object is refused.
         read_checkpoint(path)
@@ -256,8 +254,7 @@ def scores(f, ref, which, rfid=None):
     if "is" in which:
         out["IS"], out["IS_std"] = isc_features_to_metric(f["logits_unbiased"]).values()
     if "prc" in which:
-        m = prc_features_to_metric(f["2048"], torch.from_numpy(ref["f2048"]), save_cpu_ram=True,
-                                   verbose=False)
+        m = prc_features_to_metric(f["2048"], torch.from_numpy(ref["f2048"]), save_cpu_ram=True, verbose=False)
         out["precision"], out["recall"] = m["precision"], m["recall"]
     return out
 
@@ -272,13 +269,11 @@ def reference_statistics(images, net, prc, device, rank, world, cache, batch_siz
                 hit = {k: f[k] for k in f.files} if "f2048" in f.files or not prc else None
         except Exception as err:
             # An unreadable cache: the reference's features are extracted again.
-            print(f"warning: {cache} unreadable ({str(err).splitlines()[0]}): "
-                  f"extracting the reference again")
+            print(f"warning: {cache} unreadable ({str(err).splitlines()[0]}): extracting the reference again")
     if share(hit is not None):
         print0(f"reference statistics: read {cache}")
         return hit
-    parts = gather(features(images, net, device, rank, world, "reference features",
-                            batch_size)["2048"], world)
+    parts = gather(features(images, net, device, rank, world, "reference features", batch_size)["2048"], world)
     if rank > 0:
         return None
     f = torch.cat(parts)
@@ -296,8 +291,7 @@ class Evaluation:
     reconstructions."""
     def __init__(self, args, train_args, size, device, rank, world):
         # The flag --is is stored as args.is_, since "is" is a Python keyword.
-        self.which = {k for k in ("fid", "rfid", "is", "prc")
-                      if getattr(args, "is_" if k == "is" else k)}
+        self.which = {k for k in ("fid", "rfid", "is", "prc") if getattr(args, "is_" if k == "is" else k)}
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.ref, self.rfid, self.warned = None, None, False
         self.images, self.recon_images = None, None
@@ -331,8 +325,7 @@ class Evaluation:
                                             cache, args.batch_size)
         # rFID (Eq. 2): each rank reconstructs its share.
         if "rfid" in self.which:
-            f = features(self.recon_images, net, dev, rank, world, "reconstructions",
-                         args.batch_size, model)
+            f = features(self.recon_images, net, dev, rank, world, "reconstructions", args.batch_size, model)
             parts = gather(f["2048"], world)
             self.rfid = fid(statistics(torch.cat(parts)), self.ref) if rank == 0 else None
 
@@ -353,8 +346,7 @@ class Evaluation:
                   f"depends on N; the paper's numbers use 50,000; compare only at equal N",
                   file=sys.stderr, flush=True)
             self.warned = True
-        return {**scores(f, self.ref, self.which, self.rfid), "samples": n,
-                "reference_images": n_ref}
+        return {**scores(f, self.ref, self.which, self.rfid), "samples": n, "reference_images": n_ref}
 
 
 # --- the toy judge: offline, in a small classifier's features
@@ -366,8 +358,7 @@ class ToyClassifier(torch.nn.Sequential):
         super().__init__()
         nn = torch.nn
         conv = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, 2, 1), nn.GroupNorm(8, o), nn.SiLU())
-        self.body = nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(128, 10)
 
 
@@ -405,8 +396,7 @@ def class_accuracy(classifier, images, labels):
     (overall, {class: acc.})."""
     logits = torch.cat([classifier(b) for b in images.split(256)])
     hit = (logits.argmax(1) == labels).float()                              # (N,)
-    per_class = {ToyShapes.classes[c]: hit[labels == c].mean().item()
-                 for c in labels.unique().tolist()}
+    per_class = {ToyShapes.classes[c]: hit[labels == c].mean().item() for c in labels.unique().tolist()}
     return hit.mean().item(), per_class
 
 
@@ -461,20 +451,17 @@ def add_flags(p):
                    help="rFID: the reference's (or, with statistics as --ref, --ref_count "
                    "training images') reconstructions D(f(E(x))) against the reference")
     p.add_argument("--is", dest="is_", action="store_true", help="Inception Score")
-    p.add_argument("--prc", action="store_true",
-                   help="precision and recall (Kynkaanniemi et al. 2019; k = 3)")
+    p.add_argument("--prc", action="store_true", help="precision and recall (Kynkaanniemi et al. 2019; k = 3)")
     p.add_argument("--ref",
                    help="reference (default: --ref_count training images): an image folder tree "
                    "(resized and cropped as in training), an ADM .npz batch "
                    "(VIRTUAL_imagenet256_labeled.npz) or a statistics .npz (mu, sigma: the "
                    "release's fid_stats_*.npz)")
-    p.add_argument("--ref_count", type=COUNT, default=50_000,
-                   help="training images drawn (seed 0) as the reference")
+    p.add_argument("--ref_count", type=COUNT, default=50_000, help="training images drawn (seed 0) as the reference")
     p.add_argument("--fid_cache",
                    default=os.path.join(os.path.expanduser("~"), ".cache", "sphere-encoder"),
                    help="folder of the reference's cached statistics")
-    p.add_argument("--inception_weights", default=None,
-                   help="local Inception weights for torch-fidelity")
+    p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
 
 
 def print_table(rows):
@@ -492,8 +479,7 @@ def read_samples(path):
             x = f["arr_0"]
     except Exception as err:
         # Not a zip, or no arr_0.
-        raise DataError(f"{path!r} is not an .npz of samples "
-                        f"({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path!r} is not an .npz of samples ({str(err).splitlines()[0]})") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
         raise DataError(f"{path!r}: arr_0 is {x.dtype} {x.shape}, not uint8 (N, H, W, 3)")
     return x
@@ -513,15 +499,13 @@ def main(argv=None):
     if not (args.fid or args.rfid or args.is_ or args.prc):
         p.error("nothing to score: add --fid, --rfid, --is or --prc")
     if not args.ckpt and (args.rfid or args.ref is None and (args.fid or args.prc)):
-        p.error("--rfid, and a reference of training images, need the model: "
-                "pass --ckpt (or --ref)")
+        p.error("--rfid, and a reference of training images, need the model: pass --ckpt (or --ref)")
     x = Images(torch.from_numpy(read_samples(args.samples)).permute(0, 3, 1, 2))   # (N, 3, H, W)
     world, rank, device = init_distributed(args.device)
     model, train_args = load_model(args.ckpt, device) if args.ckpt else (None, {})
     ev = Evaluation(args, train_args, x.items.shape[-1], device, rank, world)
     ev.prepare(model)
-    parts = gather(features(x, ev.net, device, rank, world, "sample features", args.batch_size),
-                   world)
+    parts = gather(features(x, ev.net, device, rank, world, "sample features", args.batch_size), world)
     if rank > 0:
         return
     row = ev.scores({k: torch.cat([part[k] for part in parts]) for k in FEATURES})

@@ -27,8 +27,7 @@ class LossWeights:
 def distance(pred, target):
     """Smooth L1 (beta 1) on images mapped to [0, 1], mean per sample: (B,). In fp32, under
     autocast too."""
-    return F.smooth_l1_loss((pred.float() + 1) / 2, (target.float() + 1) / 2,
-                            reduction="none").flatten(1).mean(1)
+    return F.smooth_l1_loss((pred.float() + 1) / 2, (target.float() + 1) / 2, reduction="none").flatten(1).mean(1)
 
 
 def pixel_loss(pred, target, w_dist, w_perc, perceptual=None):
@@ -53,8 +52,7 @@ def sphere_losses(x, z, x_NOISY, x_noisy, z_re, w: LossWeights, perceptual=None)
     recon = pixel_loss(x_NOISY if x_noisy is None else x_noisy, x, w.recon_dist, w.recon_perc,
                        perceptual)                                                   # Eq. 7
     # Eq. 8: the target D(v_noisy) is under stop-grad.
-    pix_con = zero if x_noisy is None else pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist,
-                                                      w.con_perc, perceptual)
+    pix_con = zero if x_noisy is None else pixel_loss(x_NOISY, x_noisy.detach(), w.con_dist, w.con_perc, perceptual)
     # Eq. 9: the cosine is scale-free, so z stands in for v = f(z).
     lat_con = zero if z_re is None else w.lat_con * cosine_loss(z.detach(), z_re)
     total = recon + pix_con + lat_con                                                # Eq. 10
@@ -91,8 +89,7 @@ def load_perceptual(w_convnext=0.0, pretrained=True):
     import lpips
     import torchvision
     # What is loaded, its file and the flag that trains without it: for the error message.
-    what, file, flag = ("torchvision's VGG-16 weights (LPIPS)", "vgg16-397923af.pth",
-                        "--perceptual_weight 0")
+    what, file, flag = ("torchvision's VGG-16 weights (LPIPS)", "vgg16-397923af.pth", "--perceptual_weight 0")
     try:
         # lpips uses torchvision's old API, which warns.
         with warnings.catch_warnings():
@@ -100,10 +97,8 @@ def load_perceptual(w_convnext=0.0, pretrained=True):
             net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
         convnext = None
         if w_convnext > 0:
-            what, file, flag = ("torchvision's ConvNeXt-Small weights",
-                                "convnext_small-0c510722.pth", "--convnext 0")
-            weights = (torchvision.models.ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained
-                       else None)
+            what, file, flag = ("torchvision's ConvNeXt-Small weights", "convnext_small-0c510722.pth", "--convnext 0")
+            weights = (torchvision.models.ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained else None)
             convnext = torchvision.models.convnext_small(weights=weights)
     except Exception as err:
         # A failed download (urllib's URLError), a bad file (RuntimeError), ...: all the same to a

@@ -186,11 +186,9 @@ class MixerBlock(nn.Module):
     def __init__(self, tokens, dim):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-6)
-        self.token_mix = nn.Sequential(nn.Linear(tokens, tokens), nn.SiLU(),
-                                       nn.Linear(tokens, tokens))
+        self.token_mix = nn.Sequential(nn.Linear(tokens, tokens), nn.SiLU(), nn.Linear(tokens, tokens))
         self.norm2 = nn.RMSNorm(dim, eps=1e-6)
-        self.channel_mix = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(),
-                                         nn.Linear(2 * dim, dim))
+        self.channel_mix = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
         self.a = nn.Parameter(torch.zeros(2))
 
     def forward(self, x):                                                   # (B, N, D), fp32
@@ -240,8 +238,7 @@ class ViT(nn.Module):
         # The positions are fp32, so adding them makes the residual stream fp32.
         x = x + self.pos
         for blk in self.blocks:
-            x = (checkpoint(blk, x, c, self.rope, use_reentrant=False) if self.grad_ckpt
-                 else blk(x, c, self.rope))
+            x = (checkpoint(blk, x, c, self.rope, use_reentrant=False) if self.grad_ckpt else blk(x, c, self.rope))
         return self.norm(x, c)
 
 
@@ -329,8 +326,7 @@ class SphereEncoder(nn.Module):
 
     def labels(self, y, batch, device):
         """y, or the null class where y is None; None for an unconditional model."""
-        return (None if self.cfg.num_classes == 0
-                else self.null_labels(batch, device) if y is None else y)
+        return (None if self.cfg.num_classes == 0 else self.null_labels(batch, device) if y is None else y)
 
     def drop_labels(self, y, p):
         """Replace each label by the null class with probability p (Sec. 2.4: p = 0.1 for CFG)."""

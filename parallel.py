@@ -25,16 +25,14 @@ def init_distributed(device, timeout_s=7200):
     `cuda`: cuda:LOCAL_RANK (a cuda:N is kept in one process). timeout_s: a rank's wait in a
     collective (NCCL's 10 min is short of rank 0's writes).
     """
-    world, rank, local = (int(os.environ.get(k, d))
-                          for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DataError(f"--device {device} but no GPU is visible; use --device cpu")
         if world > 1 or device == "cuda":
             device = f"cuda:{local}"
         elif int(device.split(":")[1]) >= torch.cuda.device_count():
-            raise DataError(f"--device {device}, "
-                            f"but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise DataError(f"--device {device}, but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # Under torchrun, even of one process, join a process group.
@@ -83,8 +81,7 @@ def shard(model, device, world, compile_blocks=False, bf16=None):
     for m in model.modules():
         if compile_blocks and isinstance(m, (Block, MixerBlock)):
             m.compile()
-    for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks,
-                 model.encoder.mixer, model.decoder.mixer, model]:
+    for unit in [*model.encoder.vit.blocks, *model.decoder.vit.blocks, model.encoder.mixer, model.decoder.mixer, model]:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     # forward() returns chunk/view outputs; we never modify them in place, which is what FSDP
     # warns about.
@@ -110,8 +107,7 @@ class StopSignal:
     PREEMPTED; a second Ctrl-C stops at once. Set before the loader's workers start: they inherit
     it, so live until the save."""
     def __enter__(self):
-        self.got, self.old = None, {s: signal.signal(s, self)
-                                    for s in (signal.SIGTERM, signal.SIGINT)}
+        self.got, self.old = None, {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     # torchrun forwards Slurm's TERM, so a SIGTERM may arrive twice: only a second SIGINT stops
@@ -133,8 +129,7 @@ PREEMPTED = 3
 def agree(bad_step, timed_save, signalled, bad, device):
     """At a sync step: the ranks agree (MAX) on the first non-finite step, a timed save, a signal;
     bad merged."""
-    flags = torch.cat([bad_step.float().view(1),
-                       torch.tensor([float(timed_save), float(signalled)], device=device)])
+    flags = torch.cat([bad_step.float().view(1), torch.tensor([float(timed_save), float(signalled)], device=device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         found = [None] * dist.get_world_size()
@@ -192,17 +187,14 @@ def activation_bytes(cfg, a=2, fused_norm=True, grad_ckpt=False):
     def mix(D):
         return (cfg.mixer_depth * s * D if grad_ckpt else cfg.mixer_depth * mixer(D)) + norm * D
 
-    enc = N * (vit(cfg.enc_width, cfg.enc_depth, cfg.enc_heads) + mix(cfg.latent_dim)
-               + 2 * a * cfg.enc_width)
-    dec = N * (vit(cfg.dec_width, cfg.dec_depth, cfg.dec_heads) + mix(cfg.dec_width)
-               + a * cfg.latent_dim)
+    enc = N * (vit(cfg.enc_width, cfg.enc_depth, cfg.enc_heads) + mix(cfg.latent_dim) + 2 * a * cfg.enc_width)
+    dec = N * (vit(cfg.dec_width, cfg.dec_depth, cfg.dec_heads) + mix(cfg.dec_width) + a * cfg.latent_dim)
     # Pixels: patchify x2, pixel heads x2, the losses. Latents: spherify, noise, cosine.
     pixels = 3 * HW * (2 * a + 2 * (2 * a + s) + 4 * s)
     latents = 12 * s * N * cfg.latent_dim
     # Held at the end of the forward; under grad_ckpt the backward adds a block recomputed on 2B.
     held = 2 * enc + 2 * dec + pixels + latents
-    widest = max(block(cfg.enc_width, cfg.enc_heads), block(cfg.dec_width, cfg.dec_heads),
-                 mixer(cfg.dec_width))
+    widest = max(block(cfg.enc_width, cfg.enc_heads), block(cfg.dec_width, cfg.dec_heads), mixer(cfg.dec_width))
     return held, (2 * N * widest if grad_ckpt else 0)
 
 
@@ -224,17 +216,14 @@ def memory_plan(cfg, params, batch, world, gpu_mem_gb, grad_accum=None, grad_ckp
 
     def plan(micro, ckpt):
         activations = micro * sum(activation_bytes(cfg, a, grad_ckpt=ckpt))
-        parts = {**fixed, f"activations ({micro} images)": activations,
-                 "perceptual activations": micro * per_image}
+        parts = {**fixed, f"activations ({micro} images)": activations, "perceptual activations": micro * per_image}
         parts = {k: v / GIB for k, v in parts.items() if v}
         est = sum(parts.values())
         return dict(micro=micro, grad_accum=per_gpu // micro, grad_ckpt=ckpt, parts=parts,
                     est_gb=est, fits=est <= 0.85 * gpu_mem_gb)
 
-    micros = ([m for m in range(per_gpu, 0, -1) if per_gpu % m == 0] if grad_accum is None
-              else [per_gpu // grad_accum])
-    options = [plan(m, c) for c in ([grad_ckpt] if grad_ckpt is not None else [False, True])
-               for m in micros]
+    micros = ([m for m in range(per_gpu, 0, -1) if per_gpu % m == 0] if grad_accum is None else [per_gpu // grad_accum])
+    options = [plan(m, c) for c in ([grad_ckpt] if grad_ckpt is not None else [False, True]) for m in micros]
     fit = [p for p in options if p["fits"]]
     # The best plan that fits: no recompute with a micro-batch of at least 8 (or all of per_gpu),
     # then the largest micro-batch. When none fits: the last option, the smallest, fits=False.
@@ -253,14 +242,12 @@ def plan_memory(args, cfg, world, device):
     # On a CPU: one micro-batch, no recompute.
     if not (gpu or args.dry_run):
         return args.grad_accum or 1, bool(args.grad_ckpt)
-    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / GIB
-                           if gpu else 80.0)
+    mem = args.gpu_mem or (torch.cuda.get_device_properties(device).total_memory / GIB if gpu else 80.0)
     with torch.device("meta"):
         params = SphereEncoder(cfg).num_params()
     perc = dict(fsdp=args.fsdp, ema=args.ema > 0, perceptual=args.w[1] > 0 or args.w[3] > 0,
                 convnext=args.convnext > 0, a=2 if args.precision == "bf16" else 4)
-    plan = memory_plan(cfg, params, args.batch_size, gpus, mem, args.grad_accum, args.grad_ckpt,
-                       **perc)
+    plan = memory_plan(cfg, params, args.batch_size, gpus, mem, args.grad_accum, args.grad_ckpt, **perc)
     line = (f"plan: micro_batch={plan['micro']} grad_accum={plan['grad_accum']} grad_ckpt="
             f"{'on' if plan['grad_ckpt'] else 'off'} est_gb={plan['est_gb']:.1f}")
     if args.dry_run:
@@ -274,7 +261,6 @@ def plan_memory(args, cfg, world, device):
         fix = (f"--grad_accum {auto['grad_accum']} "
                f"{'--grad_ckpt' if auto['grad_ckpt'] else '--no-grad_ckpt'}"
                if auto["fits"] else "--fsdp, more GPUs, a smaller --model or --image_size")
-        die(f"a step needs ~{plan['est_gb']:.0f} GB per GPU ({line[6:]}), "
-            f"more than 85% of {mem:.0f} GB; try {fix}")
+        die(f"a step needs ~{plan['est_gb']:.0f} GB per GPU ({line[6:]}), more than 85% of {mem:.0f} GB; try {fix}")
     print0(line)
     return plan["grad_accum"], plan["grad_ckpt"]

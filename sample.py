@@ -42,16 +42,14 @@ def get_args(argv):
     p.add_argument("--gamma", type=NONNEG, default=0.0, help="Eq. 13 decay; 0 = fixed r = 1 (best)")
     p.add_argument("--noise", default=None, choices=["shared", "independent"], help="re-encoding noise "
                    "e' (default: shared; Flowers: independent, as the model card evaluates)")
-    p.add_argument("--alpha", type=ANGLE, default=None,
-                   help="noise angle, degrees (default: the training alpha)")
+    p.add_argument("--alpha", type=ANGLE, default=None, help="noise angle, degrees (default: the training alpha)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--batch_size", type=COUNT, default=64)
     p.add_argument("--out", help="grid PNG (default: <ckpt dir>/samples.png; a --steps sweep adds "
                    "_<N>step, a --cfg sweep _cfg<S>); with metrics also <out>_metrics.json")
     p.add_argument("--per_step", action="store_true", help="also save a grid of every step's images")
     p.add_argument("--out_dir", default=None, help="also save each sample as a PNG here")
-    p.add_argument("--npz", default=None,
-                   help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
+    p.add_argument("--npz", default=None, help="save samples as arr_0 (uint8 NHWC) + labels (ADM/DiT FID format)")
     evaluate.add_flags(p)                                   # --fid, --rfid, --is, --prc, --ref, ...
     p.add_argument("--raw_weights", action="store_true",
                    help="the trained weights, not the EMA ones (train.py --ema)")
@@ -87,8 +85,7 @@ def check_model(args, num_classes, dataset):
 
 def suffix(args, scale, steps):
     """A sweep writes a file per setting: _cfg<S> for a --cfg list, _<N>step for a --steps list."""
-    return ((f"_cfg{scale:g}" if len(args.cfg) > 1 else "")
-            + (f"_{steps}step" if len(args.steps) > 1 else ""))
+    return ((f"_cfg{scale:g}" if len(args.cfg) > 1 else "") + (f"_{steps}step" if len(args.steps) > 1 else ""))
 
 
 def generate_batches(model, batches, steps, sigma, gamma=0.0, cfg_scale=1.0, cfg_position="combo",
@@ -129,8 +126,7 @@ def draw(model, args, labels, sigma, device, rank, world, ev=None):
         desc = f"cfg {scale:g}, {steps} step(s)" + (", Inception" if ev else "")
         total = sum(len(labels[i:i + args.batch_size]) for i in starts)
         with progress(total=total, unit="img", leave=False, desc=desc, disable=rank > 0) as bar:
-            xss = generate_batches(model, batches(), steps, sigma, args.gamma, scale, args.cfg_position,
-                                   args.noise)
+            xss = generate_batches(model, batches(), steps, sigma, args.gamma, scale, args.cfg_position, args.noise)
             for i, xs in zip(starts, xss):
                 u8 = evaluate.to_uint8(xs[-1])              # Inception in fp32, as the reference
                 mine.append((i, u8.cpu(), ev.features(u8) if ev else {}))
@@ -150,17 +146,14 @@ def write(run, args, labels, classes, num_classes):
     n, ext, name = len(labels), args.ext, args.root + suffix(args, run.cfg_scale, run.steps)
     by_class = num_classes and len(classes) <= 32 and n <= 512
     save_image(run.images[:512] / 255, name + ext, nrow=max(1, n // len(classes)) if by_class else 16)
-    print(f"wrote {name}{ext} ({n} samples, {run.steps} step(s), cfg {run.cfg_scale} "
-          f"{args.cfg_position})")
+    print(f"wrote {name}{ext} ({n} samples, {run.steps} step(s), cfg {run.cfg_scale} {args.cfg_position})")
     if args.per_step:                                       # rows: samples, columns: steps
         grid = run.first.transpose(0, 1).flatten(0, 1) * 0.5 + 0.5
         save_image(grid, f"{name}_per_step{ext}", nrow=run.steps)
-        print(f"wrote {name}_per_step{ext} (rows: {run.first.shape[1]} samples, columns: steps "
-              f"1..{run.steps})")
+        print(f"wrote {name}_per_step{ext} (rows: {run.first.shape[1]} samples, columns: steps 1..{run.steps})")
     if args.out_dir:
         for j, x in enumerate(run.images):
-            save_image(x / 255, os.path.join(args.out_dir + suffix(args, run.cfg_scale, run.steps),
-                                             f"{j:06d}.png"))
+            save_image(x / 255, os.path.join(args.out_dir + suffix(args, run.cfg_scale, run.steps), f"{j:06d}.png"))
     if args.npz:
         path = args.npz.removesuffix(".npz") + suffix(args, run.cfg_scale, run.steps) + ".npz"
         save_npz(dict(arr_0=run.images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()), path)

@@ -102,8 +102,7 @@ def _guided(fn, inp, y, w, null):
 
 
 @torch.no_grad()
-def refine(model, x, y, rs, sigma, cfg_scale=1.0, cfg_position="combo", noise="shared",
-           generator=None, trace=None):
+def refine(model, x, y, rs, sigma, cfg_scale=1.0, cfg_position="combo", noise="shared", generator=None, trace=None):
     """Algorithm 1's loop from x: per r in rs, encode, re-noise with r sigma e' (sigma = tan(alpha),
     Eq. 12), decode; the image of each round. cfg_scale and cfg_position set the CFG weights
     (guidance_scales, App. C.1). noise "shared": one e' (best, Tab. 6), "independent": a new e'

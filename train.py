@@ -26,14 +26,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torchvision.utils import save_image
 
 from checkpoint import Checkpointer, check_out_dir, check_writable, load_checkpoint, load_weights
-from cli import (ANGLE, COUNT, DECAY, NONNEG, NONNEG_INT, POSITIVE, PROB, die, parser, print0,
-                 progress, script)
-from data import (Guarded, build_dataset, build_loader, default_workers, folder_settings, skipped,
-                  subset)
+from cli import ANGLE, COUNT, DECAY, NONNEG, NONNEG_INT, POSITIVE, PROB, die, parser, print0, progress, script
+from data import Guarded, build_dataset, build_loader, default_workers, folder_settings, skipped, subset
 from losses import LossWeights, distance, load_perceptual, sphere_losses
 from model import SIZES, Config, SphereEncoder, make_config
-from parallel import (PREEMPTED, StopSignal, agree, autocast, ddp_check, init_distributed,
-                      plan_memory, wrap)
+from parallel import PREEMPTED, StopSignal, agree, autocast, ddp_check, init_distributed, plan_memory, wrap
 from sample import generate_batches
 from spherify import noise_levels, reconstruct, refine, sigma_max
 
@@ -69,35 +66,26 @@ def data_and_model_flags(p):
         "by the images' size")
     add("--model", choices=list(SIZES), help="size (default per dataset)")
     add("--image_size", type=COUNT)
-    add("--patch_size", type=COUNT,
-        help="P: an (H/P) x (W/P) x d latent (default per dataset; Tab. 5)")
-    add("--latent_dim", type=COUNT,
-        help="d; the ratio 3HW/L = 3P^2/d (App. C.5: best near 1.5, 3)")
+    add("--patch_size", type=COUNT, help="P: an (H/P) x (W/P) x d latent (default per dataset; Tab. 5)")
+    add("--latent_dim", type=COUNT, help="d; the ratio 3HW/L = 3P^2/d (App. C.5: best near 1.5, 3)")
     add("--alpha", type=ANGLE, help="max angle (deg), sigma_max = tan(alpha) (Eq. 11-12)")
-    add("--band", type=ANGLE,
-        help="top of the mixing band (deg, >= alpha; = alpha: off; App. C.2)")
+    add("--band", type=ANGLE, help="top of the mixing band (deg, >= alpha; = alpha: off; App. C.2)")
     add("--p_band", type=PROB, default=0.1, help="probability of a band draw (App. C.2)")
     add("--epochs", type=POSITIVE)
     add("--max_steps", type=NONNEG_INT, help="optimizer steps; overrides --epochs")
     add("--warmup_epochs", type=NONNEG, help="linear warmup, < --epochs")
     add("--batch_size", type=COUNT, help="global batch over all GPUs and accumulation")
-    add("--grad_accum", type=COUNT,
-        help="micro-batches a step per GPU (default: GPU: planned, CPU: 1)")
+    add("--grad_accum", type=COUNT, help="micro-batches a step per GPU (default: GPU: planned, CPU: 1)")
     add("--lr", type=POSITIVE, help="peak decoder lr (default: table lr x batch/256)")
-    add("--min_lr", type=NONNEG, default=1e-6,
-        help="end of the cosine decay at batch 256, scaled like lr")
-    add("--enc_lr_mult", type=NONNEG, default=0.1,
-        help="encoder lr = this x decoder lr [released]")
+    add("--min_lr", type=NONNEG, default=1e-6, help="end of the cosine decay at batch 256, scaled like lr")
+    add("--enc_lr_mult", type=NONNEG, default=0.1, help="encoder lr = this x decoder lr [released]")
     add("--weight_decay", type=NONNEG, default=0.0)
     add("--clip", type=POSITIVE, default=1.0, help="gradient-norm clip")
     add("--p_drop", type=PROB, default=0.1, help="label dropout to the null class (Sec. 2.4)")
-    add("--weights", type=NONNEG, nargs=5, metavar="W",
-        help="Eq. 10: recon dist, perc, con dist, perc, lat")
+    add("--weights", type=NONNEG, nargs=5, metavar="W", help="Eq. 10: recon dist, perc, con dist, perc, lat")
     add("--perceptual_weight", type=NONNEG, help="set both perceptual weights (0 = no LPIPS)")
-    add("--convnext", type=NONNEG, default=0.0,
-        help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
-    add("--ema", type=DECAY, default=0.0,
-        help="EMA decay in [0, 1), e.g. 0.9997; 0 = off (App. D)")
+    add("--convnext", type=NONNEG, default=0.0, help="(LPIPS + w ConvNeXt)/(1 + w); released 0.1")
+    add("--ema", type=DECAY, default=0.0, help="EMA decay in [0, 1), e.g. 0.9997; 0 = off (App. D)")
 
 
 def run_flags(p):
@@ -108,32 +96,23 @@ def run_flags(p):
     add("--init_from", metavar="CKPT",
         help="start a new run from this checkpoint's weights (ours or convert.py's): its model "
         "unless --model, a fresh optimizer and schedule; --resume wins")
-    add("--init_ema", action="store_true",
-        help="--init_from: its EMA weights (a train.py --ema run)")
-    add("--wandb", action="store_true",
-        help="also log to Weights & Biases (WANDB_MODE=offline: no network)")
+    add("--init_ema", action="store_true", help="--init_from: its EMA weights (a train.py --ema run)")
+    add("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline: no network)")
     add("--seed", type=NONNEG_INT, default=0)
     add("--num_workers", type=NONNEG_INT, help="loader processes (default: from the CPUs)")
     add("--max_bad_frac", type=PROB, default=0.001, help="stop past this fraction unreadable")
     add("--log_every", type=COUNT, default=50)
-    add("--ckpt_every", type=COUNT,
-        help="last.pt every N steps (default: <= 1%% of the time saving)")
-    add("--keep_every", type=NONNEG_INT, default=0,
-        help="also keep ckpt_<step>.pt every N steps (0 = never)")
-    add("--sample_every", type=COUNT, default=500,
-        help="sample and reconstruction grids every N steps")
+    add("--ckpt_every", type=COUNT, help="last.pt every N steps (default: <= 1%% of the time saving)")
+    add("--keep_every", type=NONNEG_INT, default=0, help="also keep ckpt_<step>.pt every N steps (0 = never)")
+    add("--sample_every", type=COUNT, default=500, help="sample and reconstruction grids every N steps")
     add("--sample_steps", type=COUNT, default=4, help="Algorithm 1 steps for the grids")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--precision", choices=["bf16", "fp32"],
-        help="bf16: autocast (default on GPU); fp32 (CPU)")
-    add("--grad_ckpt", action=argparse.BooleanOptionalAction,
-        help="recompute in backward (GPU: planned)")
+    add("--precision", choices=["bf16", "fp32"], help="bf16: autocast (default on GPU); fp32 (CPU)")
+    add("--grad_ckpt", action=argparse.BooleanOptionalAction, help="recompute in backward (GPU: planned)")
     add("--dry_run", action="store_true", help="print the per-GPU memory plan and exit")
-    add("--gpus", type=COUNT,
-        help="--dry_run: GPUs to plan for (default: the processes launched)")
+    add("--gpus", type=COUNT, help="--dry_run: GPUs to plan for (default: the processes launched)")
     add("--gpu_mem", type=POSITIVE, help="GB per GPU to plan for (default: the GPU's, or 80)")
-    add("--fsdp", action="store_true",
-        help="shard weights, grads and AdamW state over processes (FSDP2)")
+    add("--fsdp", action="store_true", help="shard weights, grads and AdamW state over processes (FSDP2)")
 
 
 def get_args(argv=None):
@@ -145,16 +124,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     ckpt = settings(args)
     if args.band < args.alpha:
-        p.error(f"--band {args.band} is below --alpha {args.alpha}: the band lies above alpha "
-                f"(= alpha: no band)")
+        p.error(f"--band {args.band} is below --alpha {args.alpha}: the band lies above alpha (= alpha: no band)")
     if args.warmup_epochs >= args.epochs:
         p.error(f"--warmup_epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
     if not any(args.w):
         p.error("--weights are all 0: nothing to train")
     # A run plans its memory for the processes torchrun launched, not for a --gpus count.
     if args.gpus and not args.dry_run:
-        p.error("--gpus is for --dry_run; a run plans for the processes it has "
-                "(torchrun --nproc_per_node)")
+        p.error("--gpus is for --dry_run; a run plans for the processes it has (torchrun --nproc_per_node)")
     return args, ckpt
 
 
@@ -184,8 +161,7 @@ def settings(args):
     # --data_dir without --dataset stops, rather than quietly train on the embedded toy set.
     if args.dataset == "toy" and args.data_dir:
         others = ", ".join(k for k in DATASETS if k != "toy")
-        die(f"--data_dir {args.data_dir} needs --dataset (folder, {others}): "
-            f"the toy set is embedded")
+        die(f"--data_dir {args.data_dir} needs --dataset (folder, {others}): the toy set is embedded")
     defaults = (DATASETS.get(args.dataset)
                 or (folder_defaults(args, args.recipe) if args.data_dir else DATASETS["flowers"]))
     # A new run from --init_from leaves --model unset, so that it keeps the checkpoint's model
@@ -242,10 +218,8 @@ def folder_defaults(args, recipe=None):
         like, size = recipe, args.image_size or DATASETS[recipe]["image_size"]
         name = f"the {recipe} recipe's settings (--recipe {recipe})"
     else:
-        size = args.image_size or ((32 if px <= 48 else 64) if px <= 64
-                                   else (128 if px < 192 else 256))
-        like, name = (("cifar10", "CIFAR-10's settings") if size <= 64
-                      else ("flowers", "Flowers' settings"))
+        size = args.image_size or ((32 if px <= 48 else 64) if px <= 64 else (128 if px < 192 else 256))
+        like, name = (("cifar10", "CIFAR-10's settings") if size <= 64 else ("flowers", "Flowers' settings"))
     taken = ", ".join(f"--{k} {DATASETS[like][k]}"
                       for k in ("model", "alpha", "band", "epochs", "batch_size")
                       if getattr(args, k) is None)
@@ -278,8 +252,7 @@ def model_config(args, ckpt, num_classes=None):
     if num_classes is not None and cfg.num_classes != num_classes:
         die(f"the checkpoint's model has {cfg.num_classes} classes, the data {num_classes}")
     if cfg.image_size % cfg.patch_size:
-        die(f"--image_size {cfg.image_size} must be a multiple of --patch_size {cfg.patch_size} "
-            f"(the latent is a grid)")
+        die(f"--image_size {cfg.image_size} must be a multiple of --patch_size {cfg.patch_size} (the latent is a grid)")
     return cfg
 
 
@@ -304,8 +277,7 @@ def get_lr(step, peak, warmup, total, min_lr):
 def load_data(args):
     """The training set, Guarded (unreadable images skipped), --max_samples' subset
     -> (dataset, classes)."""
-    ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size,
-                                    args.unconditional, args.download)
+    ds, num_classes = build_dataset(args.dataset, args.data_dir, args.image_size, args.unconditional, args.download)
     # A fixed subset: the same N images on every run.
     if args.max_samples:
         ds = torch.utils.data.Subset(ds, subset(len(ds), args.max_samples))
@@ -316,8 +288,7 @@ def schedule(args, num_images, world):
     """(micro-batch per process, total steps, warmup steps) for the global --batch_size."""
     steps_per_epoch = num_images // args.batch_size
     if steps_per_epoch == 0:
-        die(f"the dataset has {num_images} images, fewer than one global batch of "
-            f"{args.batch_size}")
+        die(f"the dataset has {num_images} images, fewer than one global batch of {args.batch_size}")
     max_steps = args.max_steps if args.max_steps is not None else int(args.epochs * steps_per_epoch)
     micro = args.batch_size // (world * args.grad_accum)
     return micro, max_steps, int(args.warmup_epochs * steps_per_epoch)
@@ -369,8 +340,7 @@ def micro_batches(data, args, ds, bad, bar, device):
         x, y, replaced = next(data)
         for j in dict.fromkeys(replaced[replaced >= 0].tolist()).keys() - set(bad):
             bad.append(j)
-            bar.write(f"warning: unreadable image skipped (the next one used instead): "
-                      f"{ds.path(j)}")
+            bar.write(f"warning: unreadable image skipped (the next one used instead): {ds.path(j)}")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         yield hflip(x), y
 
@@ -384,8 +354,7 @@ def compute_losses(net, x, y, args, conditional, band, perceptual, device):
     with autocast(device, args.precision == "bf16"):
         # The forward pass, Eq. 4-9 (model.py); an unconditional run passes no labels.
         y = y if conditional else None
-        z, x_NOISY, x_noisy, z_re = net(x, y, sigma, sigma_sub, args.p_drop,
-                                        pix_con=pix_con, lat_con=lat_con)
+        z, x_NOISY, x_noisy, z_re = net(x, y, sigma, sigma_sub, args.p_drop, pix_con=pix_con, lat_con=lat_con)
         # The loss terms and their weighted sum (Eq. 7-10).
         losses = sphere_losses(x, z, x_NOISY, x_noisy, z_re, LossWeights(*args.w), perceptual)
     x_rec = x_NOISY if x_noisy is None else x_noisy
@@ -453,11 +422,9 @@ def log_step(losses, grad_norm, extra, step, lr, img_per_s, bad, args, bar, mast
     logs = torch.stack([v.detach().float() for v in vals.values()])
     if dist.is_initialized():
         dist.all_reduce(logs, op=dist.ReduceOp.AVG)
-    rec = dict(step=step, **dict(zip(vals, logs.tolist())), lr=lr, img_per_s=img_per_s,
-               bad_images=len(bad))
+    rec = dict(step=step, **dict(zip(vals, logs.tolist())), lr=lr, img_per_s=img_per_s, bad_images=len(bad))
     if master:
-        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in rec.items()))
+        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
         if run is not None:
@@ -496,19 +463,16 @@ def save_grids(model, ema, x, args, step, device, master, sd=None, n=8):
     # A row a class: up to 10 classes, evenly spread.
     rows = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().long()
     labels = rows.repeat_interleave(n).to(device) if cfg.num_classes else None
-    e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g,
-                    device=device)
+    e = torch.randn(max(1, len(rows)) * n, cfg.grid, cfg.grid, cfg.latent_dim, generator=g, device=device)
     sigma = sigma_max(args.alpha)
     imgs = next(generate_batches(model, [(e, labels, g)], args.sample_steps, sigma, bf16=bf16))[-1]
     x = x[:n]
     with autocast(device, bf16):
         recon = [reconstruct(model, x)]                         # Eq. 2: D(f(E(x)))
         for r in (0.5, 1.0):                                    # Eq. 4 at noise r sigma
-            recon += refine(model, x, None, [r], sigma,
-                            generator=torch.Generator(device).manual_seed(1234))
+            recon += refine(model, x, None, [r], sigma, generator=torch.Generator(device).manual_seed(1234))
     save_image(imgs * 0.5 + 0.5, os.path.join(args.out_dir, f"samples_{step:07d}.png"), nrow=n)
-    save_image(torch.cat([x, *recon]) * 0.5 + 0.5,
-               os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=len(x))
+    save_image(torch.cat([x, *recon]) * 0.5 + 0.5, os.path.join(args.out_dir, f"recon_{step:07d}.png"), nrow=len(x))
     model.train(was_training)
 
 
@@ -549,8 +513,7 @@ def perceptual_loss(args, device):
     """The perceptual term's network (LPIPS, --convnext), or None with a warning when its weights
     are 0."""
     if not (args.w[1] > 0 or args.w[3] > 0):
-        print0("warning: training WITHOUT the paper's perceptual (LPIPS) loss term: "
-               "--perceptual_weight 1 adds it")
+        print0("warning: training WITHOUT the paper's perceptual (LPIPS) loss term: --perceptual_weight 1 adds it")
         return None
     try:
         return load_perceptual(args.convnext).to(device)
@@ -592,8 +555,7 @@ def setup(args, ckpt, world, rank, device):
     args.grad_accum, args.grad_ckpt = plan_memory(args, cfg, world, device)
     micro, max_steps, warmup = schedule(args, len(ds), world)
     lr, min_lr = lr_range(args)
-    model, opt, ema, checkpointer, net, step, bad = build_model(cfg, args, world, rank,
-                                                                device, ckpt)
+    model, opt, ema, checkpointer, net, step, bad = build_model(cfg, args, world, rank, device, ckpt)
     if ckpt:
         print0(f"resumed from {checkpointer.path} at step {step}" if args.resume else
                f"started from the {'EMA ' if args.init_ema else ''}weights of {args.init_from}")
@@ -629,34 +591,28 @@ def train(r):
                 group["lr"] = lr * group["lr_mult"]
             # Forward, backward and update over --grad_accum micro-batches (Eq. 4-10).
             batches = micro_batches(data, args, r.ds, r.bad, bar, r.device)
-            losses, grad_norm, x = train_step(r.net, r.model, r.opt, r.ema, batches,
-                                              r.loss_fn, args)
+            losses, grad_norm, x = train_step(r.net, r.model, r.opt, r.ema, batches, r.loss_fn, args)
             finite = torch.isfinite(losses["total"].detach())
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             step += 1
             bar.update(1)
             every = (args.log_every, args.sample_every, args.ckpt_every)
-            if not (any(due(step, k, r.max_steps) for k in every)
-                    or (r.world == 1 and signals.got)):
+            if not (any(due(step, k, r.max_steps) for k in every) or (r.world == 1 and signals.got)):
                 continue
             # A sync step. The ranks agree on a non-finite loss, a save due by time (rank 0's
             # clock, as it writes; at most 1% of the time goes to saving) and a signal; then log,
             # save and sample.
-            timed_save = (master and not args.ckpt_every
-                          and time.time() - saved_at >= max(60.0, 100 * save_s))
-            first_bad, timed_save, signalled = agree(bad_step, timed_save, signals.got is not None,
-                                                     r.bad, r.device)
+            timed_save = (master and not args.ckpt_every and time.time() - saved_at >= max(60.0, 100 * save_s))
+            first_bad, timed_save, signalled = agree(bad_step, timed_save, signals.got is not None, r.bad, r.device)
             if msg := check_health(first_bad, r.bad, r.ds, args, r.checkpointer.saved_step):
                 stop(bar, msg, 1 if first_bad >= 0 else 2)
             if due(step, args.log_every, r.max_steps):
                 img_per_s = (step - logged) * args.batch_size / (time.time() - t0)
                 extra = diagnostics(x, losses, r.perceptual)
-                log_step(losses, grad_norm, extra, step, lr, img_per_s, r.bad, args, bar, master,
-                         r.wandb)
+                log_step(losses, grad_norm, extra, step, lr, img_per_s, r.bad, args, bar, master, r.wandb)
                 logged, t0 = step, time.time()
             sd = None
-            save = (due(step, args.ckpt_every, r.max_steps) if args.ckpt_every
-                    else timed_save or step == r.max_steps)
+            save = (due(step, args.ckpt_every, r.max_steps) if args.ckpt_every else timed_save or step == r.max_steps)
             # A full disk stops the run with a DataError.
             if save or signalled:
                 t, sd = time.time(), r.checkpointer.save(step, r.bad)

@@ -60,8 +60,7 @@ def plot_spheres(v, y, prior, out, views=3, seed=0):
     fig = plt.figure(figsize=(4 * views, 8))
     for k in range(views):
         P = torch.randn(v.shape[1], 3, generator=g)
-        for row, (pts, col, name) in enumerate(((v, y, "encoded images"),
-                                                (prior, None, "prior f(e)"))):
+        for row, (pts, col, name) in enumerate(((v, y, "encoded images"), (prior, None, "prior f(e)"))):
             ax = sphere_axes(fig, (2, views, row * views + k + 1), f"{name}, projection {k + 1}")
             color = "gray" if col is None else plt.cm.tab10(col.numpy() % 10)
             ax.scatter(*project(pts, P).T, color=color, s=3, alpha=0.6)
@@ -97,12 +96,10 @@ def plot_noise(v, trajectory, alpha, band, out):
     ax.legend(fontsize=7)
     # Middle: the noise angles training draws, each sigma's angle as for large L (Eq. 11-12).
     ax = fig.add_subplot(1, 3, 2)
-    s, s_sub = noise_levels(20_000, alpha, band if band > alpha else None,
-                            generator=torch.Generator().manual_seed(0))
+    s, s_sub = noise_levels(20_000, alpha, band if band > alpha else None, generator=torch.Generator().manual_seed(0))
     ax.hist(torch.rad2deg(torch.atan(s)), bins=90, range=(0, 90), alpha=0.7, label="v_NOISY")
     ax.hist(torch.rad2deg(torch.atan(s_sub)), bins=90, range=(0, 90), alpha=0.7, label="v_noisy")
-    ax.set(xlabel="noise angle (degrees)", ylabel="count",
-           title=f"training angles: alpha {alpha:g}, band {band:g}")
+    ax.set(xlabel="noise angle (degrees)", ylabel="count", title=f"training angles: alpha {alpha:g}, band {band:g}")
     ax.legend(fontsize=7)
     # Right: Algorithm 1's path over the encoded latents, one colour per sample.
     P = torch.randn(v.shape[1], 3, generator=torch.Generator().manual_seed(1))
@@ -121,14 +118,12 @@ def plot_log(path, out):
     step, log y."""
     try:
         with open(path) as f:
-            recs = [r for r in map(json.loads, filter(str.strip, f))
-                    if isinstance(r, dict) and "step" in r]
+            recs = [r for r in map(json.loads, filter(str.strip, f)) if isinstance(r, dict) and "step" in r]
     except (OSError, ValueError) as err:
         # The file is missing, unreadable, or not JSON lines.
         die(f"cannot read --log {path!r}: {getattr(err, 'strerror', None) or err}")
     if not recs:
-        die(f"--log {path!r} holds no train.py log lines "
-            f"(train.py writes one every --log_every steps)")
+        die(f"--log {path!r} holds no train.py log lines (train.py writes one every --log_every steps)")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, keys, title in ((axes[0], ("loss", "recon", "pix_con", "lat_con"), "loss terms"),
                             (axes[1], ("grad_norm",), "gradient norm (before clipping)")):
@@ -156,21 +151,16 @@ def plot_uniformity(L, stats, out):
 def get_args(argv):
     """viz.py's flags, parsed."""
     p = parser(__doc__)
-    p.add_argument("--ckpt", default="out/toy/last.pt",
-                   help="a train.py checkpoint (default: the quick start's)")
-    p.add_argument("--dataset", default=None,
-                   help="images to encode (default: the checkpoint's dataset)")
+    p.add_argument("--ckpt", default="out/toy/last.pt", help="a train.py checkpoint (default: the quick start's)")
+    p.add_argument("--dataset", default=None, help="images to encode (default: the checkpoint's dataset)")
     p.add_argument("--data_dir", default=None)
-    p.add_argument("--raw_weights", action="store_true",
-                   help="the trained weights, not the EMA ones (train.py --ema)")
+    p.add_argument("--raw_weights", action="store_true", help="the trained weights, not the EMA ones (train.py --ema)")
     # At most 10000 images, as the pairwise cosines take n^2 doubles.
     p.add_argument("--n", type=number(2, 10_000, cast=int), default=1000,
                    help="images to encode (and prior points), at most 10000")
     p.add_argument("--steps", type=COUNT, default=6, help="Algorithm 1 steps for the trajectory")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: <ckpt dir>/viz; --log: the log's folder)")
-    p.add_argument("--log", default=None,
-                   help="instead, plot a train.py log.jsonl: losses, grad norm (loss.png)")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/viz; --log: the log's folder)")
+    p.add_argument("--log", default=None, help="instead, plot a train.py log.jsonl: losses, grad norm (loss.png)")
     return p.parse_args(argv)
 
 
@@ -195,8 +185,7 @@ def main(argv=None):
         log_dir = args.out or os.path.dirname(os.path.abspath(args.log))
         return plot_log(args.log, os.path.join(log_dir, "loss.png"))
     if not os.path.isfile(args.ckpt):
-        die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), "
-            f"or pass --ckpt")
+        die(f"no checkpoint at {args.ckpt!r}: run `python train.py` first (the quick start), or pass --ckpt")
     model, targs, ds = load_model_and_data(args)
     out = args.out or os.path.join(ckpt_dir(args.ckpt), "viz")
     v, y = encode_dataset(model, ds, args.n, args.device)               # (n, L), (n,)
@@ -216,8 +205,7 @@ def main(argv=None):
     generate(model, e, labels, args.steps, sigma_max(targs["alpha"]), trace=trajectory)
     plot_spheres(v, y, prior, os.path.join(out, "sphere.png"))
     plot_per_class(v, y, os.path.join(out, "sphere_per_class.png"))
-    plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"],
-               os.path.join(out, "noise.png"))
+    plot_noise(v, trajectory, targs["alpha"], targs.get("band") or targs["alpha"], os.path.join(out, "noise.png"))
     plot_uniformity(v.shape[1], stats, os.path.join(out, "uniformity.png"))
     print(f"wrote {out}/sphere.png, sphere_per_class.png, noise.png, uniformity.png")
 
