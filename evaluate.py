@@ -511,7 +511,7 @@ def main(argv=None):
     row = ev.scores({k: torch.cat([part[k] for part in parts]) for k in FEATURES})
     print_table([row])
     out = args.out or args.samples.removesuffix(".npz") + "_metrics.json"
-    ref = args.ref or f"{train_args['dataset']} x {args.ref_count}"
+    ref = args.ref or row["reference_images"] and f"{train_args['dataset']} x {row['reference_images']}"
     save_json({"samples": len(x), "reference": ref, "rows": [row]}, out, what="metrics")
     print(f"wrote {out}")
 

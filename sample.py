@@ -128,7 +128,8 @@ def draw(model, args, labels, sigma, device, rank, world, ev=None):
         with progress(total=total, unit="img", leave=False, desc=desc, disable=rank > 0) as bar:
             xss = generate_batches(model, batches(), steps, sigma, args.gamma, scale, args.cfg_position, args.noise)
             for i, xs in zip(starts, xss):
-                u8 = evaluate.to_uint8(xs[-1])              # Inception in fp32, as the reference
+                # uint8 as saved; Inception then runs in fp32 (generate_batches left autocast).
+                u8 = evaluate.to_uint8(xs[-1])
                 mine.append((i, u8.cpu(), ev.features(u8) if ev else {}))
                 if i == 0:                                  # (steps, 16, C, H, W)
                     first = torch.stack([x[:16].float().cpu() for x in xs])
@@ -204,7 +205,8 @@ def main(argv=None):
             table.append({"cfg": run.cfg_scale, "steps": run.steps, **ev.scores(run.features)})
     if table:
         evaluate.print_table(table)
-        path, ref = args.root + "_metrics.json", args.ref or f"{train_args['dataset']} x {args.ref_count}"
+        n_ref = table[0]["reference_images"]                # all, if fewer than --ref_count; IS: none
+        path, ref = args.root + "_metrics.json", args.ref or n_ref and f"{train_args['dataset']} x {n_ref}"
         save_json({"samples": n, "reference": ref, "rows": table}, path, what="metrics")
         print(f"wrote {path}")
 

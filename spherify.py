@@ -1,6 +1,6 @@
 """The sphere and its noise, one pure function per equation
 (arXiv 2602.15030, Sec. 2.1-2.2, 2.4, 6, App. C.2):
-  Eq. 1      spherify: flatten a latent and RMS-normalize it onto the sphere of radius sqrt(L)
+  Eq. 1      spherify: RMS-normalize a latent over all its L numbers, onto the sphere of radius sqrt(L)
   Eq. 4-6    noisy_latents: v_NOISY = f(v + sigma e), v_noisy = f(v + s sigma e), the same e
   Eq. 5, C.2 noise_levels: sigma = r tan(alpha), with angle mixing into a high band
   Eq. 11-12  sigma_max: the noise angle alpha <-> sigma = tan(alpha); angle_deg measures it

@@ -266,8 +266,10 @@ def lr_range(args):
 def get_lr(step, peak, warmup, total, min_lr):
     """Linear warmup, cosine to min_lr at total - warmup, then held (docs/reference.md Sec. 5
     [released])."""
+    # Warmup climbs to peak (step + 1) / (warmup + 1) at its last step, then the cosine starts at peak.
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
+    # The cosine spans total - 2 warmup steps: it reaches min_lr warmup steps before the end, and holds.
     t = (step - warmup) / max(1, total - 2 * warmup)
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 

@@ -104,6 +104,22 @@ def test_fid_rfid_is_prc_cached_sharded_and_from_statistics(ckpt, weights, tmp_p
         assert row["gFID"] == pytest.approx(first[k]["gFID"], rel=1e-6)
 
 
+def test_evaluate_scores_an_npz_as_sample_py_does(ckpt, weights, tmp_path, capsys):
+    """DiT's workflow: sample.py --npz, then evaluate.py on the file: the same gFID and IS as
+    sample.py --fid --is scores on the same samples."""
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=torch.stack([toy_u8(8, 500)[i] for i in range(8)]).permute(0, 2, 3, 1).numpy())
+    common = ["--inception_weights", weights, "--fid_cache", str(tmp_path / "cache"), "--device", "cpu"]
+    sample.main(["--ckpt", ckpt, "--num_samples", "10", "--batch_size", "4", "--steps", "2", "--fid", "--is",
+                 "--ref", ref, "--npz", str(tmp_path / "s.npz"), "--out", str(tmp_path / "a.png"), *common])
+    evaluate.main([str(tmp_path / "s.npz"), "--fid", "--is", "--ref", ref, *common])
+    assert f"wrote {tmp_path / 's_metrics.json'}" in capsys.readouterr().out
+    (drawn,), (scored,) = (json.load(open(tmp_path / f))["rows"] for f in ("a_metrics.json", "s_metrics.json"))
+    assert scored["samples"] == drawn["samples"] == 10 and scored["reference_images"] == 8
+    for k in ("gFID", "IS"):
+        assert scored[k] == pytest.approx(drawn[k], rel=1e-4), k
+
+
 def test_prc_refuses_a_statistics_ref(ckpt, tmp_path, capsys, monkeypatch):
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     monkeypatch.setattr(sample, "generate", None)                                # never reached
