@@ -51,9 +51,9 @@ def read_checkpoint(path):
     except Exception as err:
         # Say what is wrong in one line, never with torch's weights_only paragraph.
         if found := re.search(r"GLOBAL ([\w.]+)", str(err)):
-            # The file holds a pickled object, which is never unpickled. Python 3.12 calls
-            # io.open _io.open, hence the stripped underscore.
-            name = found[1].lstrip("_")
+            # The file holds a pickled object, which is never unpickled. Python 3.12 names
+            # io.open _io.open: it is reported as io.open on every Python.
+            name = re.sub(r"^_io\.", "io.", found[1])
             raise DataError(f"{path!r} is refused: it holds a pickled {name}, and loading a "
                             "pickled object can run code (every file is read as data: tensors "
                             "and builtins only)") from None

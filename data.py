@@ -163,10 +163,10 @@ def flat(root):
 
 
 class Folder(torch.utils.data.Dataset):
-    """A tree of class folders of images (ImageFolder's layout), or a flat folder of images: each
-    class 0, no classes (the model is unconditional). Hidden entries are skipped."""
-    def __init__(self, root, transform):
-        self.classes, index = find_classes(root) if not flat(root) else ([], {"": 0})
+    """A tree of class folders of images (ImageFolder's layout), or a flat folder of images, all of
+    label 0 and no classes (the model is unconditional). Hidden entries are skipped."""
+    def __init__(self, root, transform, allow_flat=True):
+        self.classes, index = ([], {"": 0}) if allow_flat and flat(root) else find_classes(root)
         self.samples, self.transform = image_files(root, index), transform  # [(path, class)]
 
     def __len__(self):
@@ -208,7 +208,8 @@ def build_dataset(name, data_dir=None, image_size=32, unconditional=False, downl
             ds = torch.utils.data.ConcatDataset(splits)
             ds.classes = list(range(102))
         else:
-            ds = Folder(os.path.join(data_dir, "train") if name == "imagenet" else data_dir, tf)
+            root = os.path.join(data_dir, "train") if name == "imagenet" else data_dir
+            ds = Folder(root, tf, allow_flat=name == "folder")      # ImageNet: class folders only
     except Exception as err:
         # Missing files, no class folders, or no images.
         hint = (", or add --download on a machine with internet" if name in ("cifar10", "flowers") else "")

@@ -1,8 +1,8 @@
 """Evaluation as the paper reports it (Sec. 3): gFID, rFID, Inception Score, precision and recall
 against a reference of 50K training images, in torch-fidelity's Inception features; and, offline,
 the toy judge: a small classifier's features for a toy-FD, class accuracy and colour spread (no
-download; ablate.py's metric). FID is the Frechet distance of Gaussians fitted to features, computed
-as ADM's evaluator does (scipy's sqrtm).
+download; ablate.py's metric). FID is the Frechet distance of Gaussians fitted to features, with
+scipy's sqrtm as in ADM's evaluator (without its offset for a singular product: that gives nan).
     # the reference: x.pt's training images
     python evaluate.py samples.npz --ckpt x.pt --fid --is --prc
     # the reference: an ADM reference batch
@@ -19,7 +19,7 @@ import torch
 from torchvision import transforms as T
 
 from checkpoint import load_model, read_checkpoint, save_json, save_npz
-from cli import COUNT, DataError, parser, print0, progress, script
+from cli import COUNT, DataError, die, parser, print0, progress, script
 from data import ToyShapes, build_dataset, default_workers, hidden, resize_crop, subset
 from parallel import autocast, gather, init_distributed, share
 from spherify import reconstruct
@@ -339,9 +339,10 @@ class Evaluation:
         of samples and of reference images (None: statistics). Below FEW of either, one warning
         line."""
         n, n_ref = len(f["2048"]), None if self.images is None else len(self.images)
-        small = [f"{k} {what}" for k, what in ((n, "samples"), (n_ref, "reference images"))
-                 if k is not None and k < FEW]
-        if small and not self.warned and self.which & {"fid", "rfid", "prc"}:
+        counts = [(n, "samples")] if self.which & {"fid", "prc"} else []
+        counts += [(n_ref, "reference images")] if self.which & {"fid", "rfid", "prc"} else []
+        small = [f"{k} {what}" for k, what in counts if k is not None and k < FEW]
+        if small and not self.warned:
             print(f"warning: FID of {' and '.join(small)} is biased upward by an amount that "
                   f"depends on N; the paper's numbers use 50,000; compare only at equal N",
                   file=sys.stderr, flush=True)
@@ -464,11 +465,18 @@ def add_flags(p):
     p.add_argument("--inception_weights", default=None, help="local Inception weights for torch-fidelity")
 
 
+def check_flags(args):
+    """What can be checked of the evaluation's flags before any work: the weights file exists."""
+    if args.inception_weights and not os.path.isfile(args.inception_weights):
+        die(f"argument --inception_weights: no file {args.inception_weights!r}")
+
+
 def print_table(rows):
     """The metrics, a row per (CFG, steps), as a fixed-width table."""
     print("  ".join(f"{c:>9}" for c in rows[0]))
     for row in rows:
-        print("  ".join(f"{v:>9.4g}" if v is not None else f"{'-':>9}" for v in row.values()))
+        cell = lambda v: f"{'-':>9}" if v is None else f"{v:>9d}" if isinstance(v, int) else f"{v:>9.4g}"
+        print("  ".join(cell(v) for v in row.values()))
 
 
 def read_samples(path):
@@ -496,6 +504,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=COUNT, default=64)
     p.add_argument("--out", help="metrics JSON (default: <samples>_metrics.json)")
     args = p.parse_args(argv)
+    check_flags(args)
     if not (args.fid or args.rfid or args.is_ or args.prc):
         p.error("nothing to score: add --fid, --rfid, --is or --prc")
     if not args.ckpt and (args.rfid or args.ref is None and (args.fid or args.prc)):

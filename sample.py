@@ -59,8 +59,7 @@ def get_args(argv):
     args.root, args.ext = os.path.splitext(args.out or os.path.join(ckpt_dir(args.ckpt), "samples.png"))
     if Image.registered_extensions().get(args.ext.lower()) not in Image.SAVE:
         die(f"argument --out: must be an image file name like grid.png, got {args.out!r}")
-    if args.inception_weights and not os.path.isfile(args.inception_weights):   # before sampling
-        die(f"argument --inception_weights: no file {args.inception_weights!r}")
+    evaluate.check_flags(args)                              # before sampling, not after
     args.settings = [(c, s) for c in args.cfg for s in args.steps]      # a sweep: every pair
     return args
 

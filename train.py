@@ -140,8 +140,8 @@ def settings(args):
       1. a flag given on the command line;
       2. the checkpoint's: --resume's run (a conflicting flag stops), or --init_from's data set
          and size;
-      3. the data set's row of DATASETS; for --dataset folder the row its images' size picks
-         (folder_defaults);
+      3. the data set's row of DATASETS; for --dataset folder --recipe's row, else the row its
+         images' size picks (folder_defaults);
       4. argparse's defaults.
     -> the checkpoint (--resume's or --init_from's), or None."""
     args.out_dir = args.out_dir or os.path.join("out", args.dataset or "toy")
@@ -158,6 +158,8 @@ def settings(args):
     args.dataset = args.dataset or "toy"
     if args.recipe and args.dataset != "folder":
         die(f"--recipe is for --dataset folder (--dataset {args.dataset} has its own settings)")
+    if args.recipe and not args.data_dir:
+        die(f"--recipe {args.recipe} takes its settings for a folder: give it with --data_dir")
     # --data_dir without --dataset stops, rather than quietly train on the embedded toy set.
     if args.dataset == "toy" and args.data_dir:
         others = ", ".join(k for k in DATASETS if k != "toy")
@@ -203,7 +205,10 @@ def init_settings(args):
     if args.dataset is None:
         args.dataset = ckpt["args"].get("dataset")
         args.data_dir = args.data_dir or ckpt["args"].get("data_dir")
+        args.recipe = args.recipe or ckpt["args"].get("recipe")
     args.image_size = args.image_size or ckpt["config"]["image_size"]
+    # Its model's name, for the log (None for a convert.py checkpoint); model_config takes its config.
+    args.model = args.model or ckpt["args"].get("model")
     return ckpt
 
 
@@ -225,7 +230,7 @@ def folder_defaults(args, recipe=None):
                       if getattr(args, k) is None)
     n = found["num_classes"]
     classes = f"in {n} classes" if n else "and no class subfolder (unconditional)"
-    left_out = skipped(args.data_dir)
+    left_out = skipped(args.data_dir) if int(os.environ.get("RANK", 0)) == 0 else ""   # for print0
     print0(f"folder: {found['num_images']} images {classes}, ~{px}px"
            + (f" (skipped: {left_out})" if left_out else "")
            + f" -> {name} at {size}px: {taken} (each a flag)")
@@ -241,7 +246,7 @@ def model_config(args, ckpt, num_classes=None):
     shape = {k: getattr(args, k) for k in ("patch_size", "latent_dim") if getattr(args, k, None)}
     if ckpt and args.resume:
         cfg = Config(**ckpt["config"])
-    elif ckpt and args.model is None:
+    elif ckpt and args.model in (None, ckpt["args"].get("model")):
         # --init_from's model with this run's sizes and classes: if its weights then do not fit,
         # load_weights says so in one line.
         cfg = Config(**{**ckpt["config"], "image_size": args.image_size, **shape, **classes})

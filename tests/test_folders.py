@@ -91,6 +91,12 @@ def test_recipe_toy_trains_the_quick_start_model_on_a_folder(tmp_path, capsys):
     args = ckpt["args"]
     assert (args["alpha"], args["band"], args["epochs"], args["base_lr"]) == (80, 85, 16, 8e-2)
     assert list(args["w"]) == [50.0, 0.0, 25.0, 0.0, 1.0]
+    # --init_from a recipe run: its data set, folder and recipe carry over with its model.
+    train.main(["--init_from", os.path.join(out, "last.pt"), "--max_steps", "1", "--batch_size", "4",
+                "--sample_every", "1000", "--num_workers", "0", "--out_dir", str(tmp_path / "ft")])
+    again = torch.load(os.path.join(tmp_path / "ft", "last.pt"), weights_only=True)
+    assert again["config"] == quick_start and again["args"]["recipe"] == "toy"
+    assert (again["args"]["base_lr"], again["args"]["model"]) == (8e-2, "tiny")
 
 
 def test_recipe_is_for_folders(capsys):
@@ -98,3 +104,17 @@ def test_recipe_is_for_folders(capsys):
     with pytest.raises(SystemExit) as exc:
         train.get_args(["--dataset", "toy", "--recipe", "cifar10"])
     assert exc.value.code == 2 and "--recipe is for --dataset folder" in capsys.readouterr().err
+
+
+def test_imagenet_needs_class_folders(tmp_path):
+    import pytest
+    from cli import DataError
+    images(tmp_path / "train", 3)                                   # images straight in train/
+    with pytest.raises(DataError, match="no images found for imagenet"):
+        build_dataset("imagenet", str(tmp_path), 32)
+    assert build_dataset("folder", str(tmp_path / "train"), 32)[1] == 0   # a folder may be flat
+
+
+def test_the_metrics_table_prints_counts_as_integers(capsys):
+    evaluate.print_table([{"cfg": 1.0, "steps": 4, "gFID": 12.3456, "samples": 50_000, "reference_images": None}])
+    assert capsys.readouterr().out.split("\n")[1].split() == ["1", "4", "12.35", "50000", "-"]
